@@ -1,0 +1,338 @@
+"""The one typed config tree, loaded from YAML files plus dotted command-line overrides.
+
+Defaults are the M-GRPO paper's recipe (Qwen3-4B-Base on MATH): G = 32 samples per prompt of
+which N = G/4 = 8 come from the momentum model, temperature 1.1, AdamW lr 1e-6 with cosine
+warm-up, KL 0.005 (k3 estimator), momentum m = 0.99, IQR k = 0.75.
+
+Every leaf is declared with `option(...)`, whose help text, choices and bounds drive both the
+validation here and the generated configuration reference, so the two cannot drift. OmegaConf
+parses YAML and `a.b=value` overrides; the walk below turns the result into dataclasses and
+reports the first problem with its dotted key, the value, what is allowed and a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message says which, and what to do."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A config leaf: its default, a one-line help text, and what values are allowed."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str):
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("builtin:tiny-qwen3",
+                       "Hugging Face model directory, or `builtin:tiny-qwen3` for the embedded CPU model")
+    dtype: str = option("auto", "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = option(1, "tensor-parallel size", ge=1)
+    pp: int = option(1, "pipeline-parallel size", ge=1)
+    ep: int = option(1, "expert-parallel size (MoE models)", ge=1)
+    cp: int = option(1, "context-parallel size", ge=1)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = option("hf", "rollout engine: in-process transformers, or a vLLM / SGLang server",
+                         choices=("hf", "vllm", "sglang"))
+    group_size: int = option(32, "G: samples per prompt (policy + momentum)", ge=2)
+    momentum_samples: int = option(8, "N: samples drawn from the momentum model per prompt when "
+                                      "reward.label_source=mgrpo (paper: G/4); other label sources "
+                                      "draw all G from the policy", ge=1)
+    temperature: float = option(1.1, "sampling temperature", gt=0.0)
+    top_p: float = option(1.0, "nucleus sampling mass", gt=0.0, le=1.0)
+    top_k: int = option(-1, "top-k sampling; -1 disables it", ge=-1)
+    max_new_tokens: int = option(1024, "maximum response length in tokens", ge=1)
+    momentum_sync_interval: int = option(1, "push the momentum weights to the momentum engines every "
+                                            "this many optimizer steps", ge=1)
+
+
+@dataclass
+class AlgoConfig:
+    advantage_estimator: str = option("grpo", "grpo: (r - mean) / std; drgrpo: r - mean; rloo: "
+                                              "leave-one-out baseline", choices=("grpo", "drgrpo", "rloo"))
+    iqr_filter: bool = option(True, "drop low-entropy trajectories with the IQR rule T = Q1 - k (Q3 - Q1)")
+    iqr_k: float = option(0.75, "k of the IQR rule", ge=0.0)
+    clip_low: float = option(0.2, "PPO clip: lower epsilon of the ratio", ge=0.0, lt=1.0)
+    clip_high: float = option(0.28, "PPO clip: upper epsilon of the ratio", ge=0.0)
+    tis_cap: float = option(2.0, "truncated importance sampling cap C on pi_train / pi_rollout", gt=0.0)
+    tis_mode: str = option("truncate", "truncate: weight min(w, C); mask: tokens with w > C get no "
+                                       "gradient", choices=("truncate", "mask"))
+    loss_agg: str = option("token-mean", "how token losses are averaged",
+                           choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"))
+    kl_coef: float = option(0.005, "KL penalty coefficient; 0 disables the reference forward", ge=0.0)
+    kl_estimator: str = option("k3", "KL estimator: k1 (log ratio), k2 (squared), k3 (low variance)",
+                               choices=("k1", "k2", "k3"))
+    kl_reference: str = option("initial", "KL anchor: the initial policy or the momentum model",
+                               choices=("initial", "momentum"))
+    momentum: float = option(0.99, "EMA coefficient m: theta_k <- m theta_k + (1 - m) theta_q",
+                             ge=0.0, le=1.0)
+
+
+@dataclass
+class RewardConfig:
+    label_source: str = option("mgrpo", "where labels come from: mgrpo (vote over policy + momentum), "
+                                        "srt (vote over policy), ttrl (vote over a pool, train a subset), "
+                                        "gt (gold answers), intuitor (self-certainty)",
+                               choices=("mgrpo", "srt", "ttrl", "gt", "intuitor"))
+    vote_threshold: float = option(0.0, "minimum vote share of the winning answer; below it the prompt "
+                                        "gets no label and no gradient", ge=0.0, le=1.0)
+    extraction: str = option("strict", "strict: last \\boxed{} only; lenient: also 'the answer is ...'",
+                             choices=("strict", "lenient"))
+    verify_timeout_s: float = option(5.0, "per-call timeout of answer equivalence checks", gt=0.0)
+    verify_workers: int = option(1, "worker processes for answer equivalence (0: in-process, no "
+                                    "timeout protection)", ge=0)
+    ttrl_train_samples: int = option(16, "ttrl: how many of the G voting samples are trained on", ge=1)
+
+
+@dataclass
+class FieldsConfig:
+    id: str = option("id", "column holding a stable prompt id (generated when absent)")
+    question: str = option("question", "column holding the question text")
+    answer: str = option("answer", "column holding the gold answer (monitoring, or label_source=gt)")
+    solution: str = option("solution", "column holding a worked solution (gold is extracted from its "
+                                        "last \\boxed{} when there is no answer column)")
+
+
+@dataclass
+class DataConfig:
+    path: str = option("builtin:arithmetic", "jsonl / parquet file, HF datasets directory, or "
+                                             "builtin:<task> (arithmetic, chain_sum, gsm)")
+    format: str = option("auto", "file format; auto decides from the suffix",
+                         choices=("auto", "jsonl", "parquet", "hf"))
+    fields: FieldsConfig = section(FieldsConfig, "column names")
+    on_bad_row: str = option("skip", "skip (count and report) or error on malformed rows",
+                             choices=("skip", "error"))
+    template: str = option("auto", "prompt template: the tokenizer's chat template, a plain one, or "
+                                   "auto (chat when the tokenizer has one)", choices=("auto", "chat", "plain"))
+    few_shot: int = option(0, "worked examples prepended to each prompt", ge=0)
+    builtin_size: int = option(2000, "number of prompts generated for builtin:<task>", ge=1)
+    seed: int = option(0, "seed for shuffling, few-shot choice and builtin tasks")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(200, "optimizer steps to run", ge=1)
+    prompts_per_step: int = option(8, "prompts per rollout batch", ge=1)
+    updates_per_rollout: int = option(1, "optimizer steps per rollout batch (>1 makes PPO clip active)",
+                                      ge=1)
+    lr: float = option(1e-6, "peak learning rate (AdamW)", gt=0.0)
+    min_lr: float = option(0.0, "final learning rate of the cosine decay", ge=0.0)
+    lr_schedule: str = option("cosine", "learning-rate schedule after warm-up",
+                              choices=("cosine", "constant"))
+    lr_warmup_steps: int = option(10, "linear warm-up steps", ge=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0.0)
+    grad_clip: float = option(1.0, "global gradient-norm clip; 0 disables it", ge=0.0)
+    micro_batch_tokens: int = option(16384, "token budget of one forward/backward micro-batch", ge=1)
+    seed: int = option(1234, "global random seed")
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = option("runs", "parent directory of run directories")
+    wandb: str = option("offline", "Weights & Biases mode (wandb's own mode names)",
+                       choices=("disabled", "offline", "online"))
+    wandb_project: str = option("megatron_mgrpo", "Weights & Biases project")
+    interval: int = option(1, "log metrics every this many steps", ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = option(50, "save every this many steps", ge=1)
+    keep_last: int = option(3, "complete checkpoints kept on disk", ge=1)
+    resume: bool = option(True, "continue from the newest complete checkpoint of the run directory")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = section(ModelConfig, "the policy model")
+    parallel: ParallelConfig = section(ParallelConfig, "megatron-core parallel layout")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling and rollout engines")
+    algo: AlgoConfig = section(AlgoConfig, "advantages, filter, loss, KL and EMA")
+    reward: RewardConfig = section(RewardConfig, "answer grading, voting and label sources")
+    data: DataConfig = section(DataConfig, "prompt dataset and template")
+    train: TrainConfig = section(TrainConfig, "optimisation")
+    log: LogConfig = section(LogConfig, "metrics and tracking")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "distributed checkpoints")
+
+    def samples_per_prompt(self) -> tuple[int, int]:
+        """(M, N): policy and momentum samples per prompt. Only mgrpo samples the momentum model."""
+        g = self.rollout.group_size
+        n = self.rollout.momentum_samples if self.reward.label_source == "mgrpo" else 0
+        return g - n, n
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML file to --config")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a list")
+        layers.append((str(path), OmegaConf.to_container(loaded, resolve=True)))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. algo.momentum=0.99)")
+        layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
+
+    merged: dict = {}
+    for origin, layer in layers:
+        _merge(merged, layer or {}, origin)
+    cfg = _build(Config, merged, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _merge(into: dict, layer: dict, origin: str) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin)
+        else:
+            into[key] = value
+
+
+def _build(cls: type, values: Any, prefix: str):
+    """Turn a nested dict into the dataclass `cls`, checking every key and type on the way."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}{_did_you_mean(prefix, key)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, kind)
+    return cls(**kwargs)
+
+
+def _coerce(dotted: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{dotted}={value!r} has the wrong type: expected {kind.__name__}")
+
+
+def _leaf_paths(cls: type = Config, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths += _leaf_paths(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            paths.append(f"{prefix}{f.name}")
+    return paths
+
+
+def _did_you_mean(prefix: str, key: str) -> str:
+    siblings = sorted({p[len(prefix):].split(".")[0] for p in _leaf_paths() if p.startswith(prefix)})
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    elsewhere = [p for p in _leaf_paths() if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"; did you mean {elsewhere[0]!r}?"
+    return f"; valid keys here: {', '.join(siblings)}"
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def validate(cfg: Config) -> None:
+    """Check every leaf against its declared bounds, then the rules that tie several keys."""
+    _validate_leaves(cfg, "")
+    m, n = cfg.samples_per_prompt()
+    if cfg.reward.label_source == "mgrpo" and m < 2:
+        raise ConfigError(
+            f"rollout.momentum_samples={cfg.rollout.momentum_samples} leaves {m} policy sample(s) of "
+            f"rollout.group_size={cfg.rollout.group_size}; the policy needs at least 2 for a group "
+            f"advantage: lower rollout.momentum_samples (the paper uses group_size / 4)")
+    if cfg.reward.label_source == "ttrl" and cfg.reward.ttrl_train_samples > cfg.rollout.group_size:
+        raise ConfigError(
+            f"reward.ttrl_train_samples={cfg.reward.ttrl_train_samples} exceeds rollout.group_size="
+            f"{cfg.rollout.group_size}: ttrl trains on a subset of the voting pool; set it to at most "
+            f"{cfg.rollout.group_size}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}: "
+                          f"the schedule decays from lr to min_lr")
+    if cfg.algo.kl_reference == "momentum" and cfg.reward.label_source != "mgrpo":
+        raise ConfigError(
+            f"algo.kl_reference=momentum needs the momentum model, which only "
+            f"reward.label_source=mgrpo keeps (got {cfg.reward.label_source!r}): use kl_reference=initial")
+
+
+def _validate_leaves(node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate_leaves(value, f"{dotted}.")
+            continue
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{dotted}={value!r} is not allowed; choose one of: "
+                              f"{', '.join(map(str, meta['choices']))}")
+        checks = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__} \
+            if isinstance(value, (int, float)) else {}
+        if any(meta.get(key) is not None and not check(meta[key]) for key, check in checks.items()):
+            raise ConfigError(f"{dotted}={value!r} is out of range: {describe_range(meta)}")
+
+
+def describe_range(meta: typing.Mapping) -> str:
+    """Human-readable allowed range of a leaf, e.g. 'must be >= 0 and <= 1'."""
+    parts = [f"{sym} {meta[key]:g}" for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+             if meta.get(key) is not None]
+    return "must be " + " and ".join(parts) if parts else "any value"
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, loadable again with `load_config`."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))

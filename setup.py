@@ -1,0 +1,43 @@
+"""megatron_mgrpo: label-free RL for reasoning (M-GRPO) on megatron-core."""
+
+from setuptools import find_packages, setup
+
+BASE = [
+    # torch is pinned by the installer (see README): a bare requirement would pull a CUDA build.
+    "torch>=2.4",
+    "megatron-core>=0.16.1",
+    "psutil",  # megatron-core's checkpoint save needs it but does not declare it
+    "transformers>=4.51",
+    "safetensors",
+    "math-verify>=0.7",
+    "reasoning-gym",
+    "datasets",
+    "pyarrow",
+    "omegaconf>=2.3",
+    "pyyaml",
+    "wandb",
+    "rich",
+    "tqdm",
+    "matplotlib",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "hypothesis"],
+    # GPU-only: these build CUDA extensions or need CUDA at runtime.
+    "gpu": ["transformer-engine[pytorch]", "sglang", "nvidia-modelopt"],
+    "vllm": ["vllm"],
+}
+
+setup(
+    name="megatron_mgrpo",
+    version="0.1.0",
+    description="M-GRPO (momentum-anchored GRPO) label-free RL on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mgrpo", "megatron_mgrpo.*"]),
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mgrpo=megatron_mgrpo.cli:main"]},
+    license="Apache-2.0",
+)
