@@ -15,6 +15,7 @@ BASE = [
     "pyarrow",
     "omegaconf>=2.3",
     "pyyaml",
+    "httpx",  # rollout server engines and their health checks
     "wandb",
     "rich",
     "tqdm",
