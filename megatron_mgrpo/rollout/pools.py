@@ -1,0 +1,67 @@
+"""The policy pool and the momentum pool: who samples the M and the N responses of a prompt.
+
+The momentum samples must really come from the EMA weights: that is the whole point of M-GRPO,
+and an implementation that quietly draws them from the policy still "works" while being plain
+self-consistency RL. Keeping the two pools as separate objects, each with its own weights
+version, makes the provenance of every sample checkable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from megatron_mgrpo.rollout.types import RolloutEngine, Sample, SamplingParams
+
+
+class EnginePool:
+    """Several engines holding the same weights; prompts are spread over them evenly."""
+
+    def __init__(self, name: str, engines: Sequence[RolloutEngine]):
+        if not engines:
+            raise ValueError(f"the {name} pool needs at least one engine")
+        self.name = name
+        self.engines = list(engines)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
+        """n samples per prompt, returned per prompt in input order."""
+        if n == 0:
+            return [[] for _ in prompts]
+        shards = [list(range(i, len(prompts), len(self.engines))) for i in range(len(self.engines))]
+        work = [(engine, shard) for engine, shard in zip(self.engines, shards) if shard]
+
+        def run(engine: RolloutEngine, shard: list[int]) -> list[Sample]:
+            return engine.generate([prompts[i] for i in shard], n, sampling)
+
+        if len(work) == 1:
+            results = [run(*work[0])]
+        else:  # server engines block on HTTP, so threads overlap them
+            with ThreadPoolExecutor(len(work)) as executor:
+                results = list(executor.map(lambda job: run(*job), work))
+        grouped: list[list[Sample]] = [[] for _ in prompts]
+        for (_, shard), samples in zip(work, results):
+            for sample in samples:
+                sample.prompt_index = shard[sample.prompt_index]
+                grouped[sample.prompt_index].append(sample)
+        return grouped
+
+    def update_weights(self, named_tensors_factory, version: int) -> None:
+        """Push weights to every engine; `named_tensors_factory()` yields a fresh iterator each call."""
+        for engine in self.engines:
+            engine.update_weights(named_tensors_factory(), version)
+
+
+class RolloutPools:
+    """The policy pool samples M per prompt, the momentum pool N (absent for label sources without it)."""
+
+    def __init__(self, policy: EnginePool, momentum: EnginePool | None = None):
+        self.policy = policy
+        self.momentum = momentum
+
+    def sample(self, prompts: Sequence[Sequence[int]], m: int, n: int,
+               sampling: SamplingParams) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        if n > 0 and self.momentum is None:
+            raise ValueError(f"{n} momentum samples per prompt were asked for, but there is no momentum pool: "
+                             f"build RolloutPools with momentum engines (reward.label_source=mgrpo needs them)")
+        return self.policy.generate(prompts, m, sampling), (
+            self.momentum.generate(prompts, n, sampling) if n > 0 else [[] for _ in prompts])

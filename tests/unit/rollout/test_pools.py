@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from megatron_mgrpo.rollout import SamplingParams
+from megatron_mgrpo.rollout.hf_engine import HFEngine
+from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
+
+from .test_hf_engine import teacher_forced_logprobs
+
+
+def test_momentum_samples_come_from_momentum_weights(make_tiny_qwen3, tokenizer):
+    policy_model, momentum_model = make_tiny_qwen3(seed=0), make_tiny_qwen3(seed=1)
+    pools = RolloutPools(EnginePool("policy", [HFEngine(policy_model, tokenizer, seed=1)]),
+                         EnginePool("momentum", [HFEngine(momentum_model, tokenizer, seed=2)]))
+    prompts = [tokenizer.encode(q) for q in ("2+2=", "3*3=", "10-4=")]
+    policy, momentum = pools.sample(prompts, m=3, n=2, sampling=SamplingParams(max_new_tokens=8))
+    assert [len(g) for g in policy] == [3, 3, 3] and [len(g) for g in momentum] == [2, 2, 2]
+    for source, other, groups in ((momentum_model, policy_model, momentum), (policy_model, momentum_model, policy)):
+        for index, group in enumerate(groups):
+            for s in group:
+                assert s.prompt_index == index and s.prompt_ids == prompts[index]
+                mine = torch.tensor(s.logprobs)
+                assert torch.allclose(mine, teacher_forced_logprobs(source, s, 1.0), atol=1e-5)
+                assert not torch.allclose(mine, teacher_forced_logprobs(other, s, 1.0), atol=1e-3)
+
+
+def test_prompts_spread_over_engines_keep_their_order(make_tiny_qwen3, tokenizer):
+    model = make_tiny_qwen3()
+    pool = EnginePool("policy", [HFEngine(model, tokenizer, seed=s) for s in range(3)])
+    prompts = [tokenizer.encode(f"{i}+{i}=") for i in range(7)]
+    groups = pool.generate(prompts, 2, SamplingParams(max_new_tokens=3))
+    assert [[s.prompt_ids for s in g] for g in groups] == [[p, p] for p in prompts]
+    assert all(s.prompt_index == i for i, g in enumerate(groups) for s in g)
+
+
+def test_pushes_reach_every_engine_with_the_version(make_tiny_qwen3, tokenizer):
+    target = make_tiny_qwen3(seed=5)
+    engines = [HFEngine(make_tiny_qwen3(seed=s), tokenizer) for s in range(2)]
+    EnginePool("momentum", engines).update_weights(lambda: iter(target.state_dict().items()), version=3)
+    for engine in engines:
+        assert engine.weights_version == 3
+        assert torch.equal(engine.model.lm_head.weight, target.lm_head.weight)
+
+
+def test_momentum_samples_without_a_momentum_pool_is_an_error(make_tiny_qwen3, tokenizer):
+    pools = RolloutPools(EnginePool("policy", [HFEngine(make_tiny_qwen3(), tokenizer)]))
+    with pytest.raises(ValueError, match="no momentum pool"):
+        pools.sample([[5]], m=2, n=1, sampling=SamplingParams(max_new_tokens=2))
+    policy, momentum = pools.sample([[5]], m=2, n=0, sampling=SamplingParams(max_new_tokens=2))
+    assert len(policy[0]) == 2 and momentum == [[]]
