@@ -1,0 +1,1 @@
+"""Weight sync: Megatron shards -> HF-named tensors -> buckets -> rollout engines."""
