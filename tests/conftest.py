@@ -20,11 +20,11 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def tiny_qwen3(vocab_size: int, seed: int = 0, eos_token_id: int = 1):
+def tiny_qwen3(vocab_size: int, seed: int = 0, eos_token_id: int = 1, head_dim: int = 16):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
                          tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=0)
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config).eval()
