@@ -27,8 +27,8 @@ def sample_next_tokens(logits: torch.Tensor, sampling: SamplingParams,
     the noise as an input lets the caller draw it for every row of the batch, finished or not,
     so a sample never depends on when its neighbours stopped.
 
-    Returns (tokens, logprobs) where the log-prob is taken from the temperature-scaled
-    distribution before top-k / top-p truncation (what the trainer recomputes).
+    Returns (tokens, logprobs): the log-prob of each token under the distribution it was drawn
+    from (temperature, then top-k / top-p, renormalised).
     """
     logprobs = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
     filtered = logprobs
@@ -42,7 +42,8 @@ def sample_next_tokens(logits: torch.Tensor, sampling: SamplingParams,
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
     tokens = (filtered - noise.log()).argmax(dim=-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    filtered = filtered - filtered.logsumexp(dim=-1, keepdim=True)
+    return tokens, filtered.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class HFEngine:

@@ -11,8 +11,14 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. Log-probs are always those of the temperature-scaled distribution before
-    top-k / top-p truncation, which is what the trainer recomputes for importance sampling."""
+    """How to sample.
+
+    Engines report each token's log-prob under the distribution it was actually drawn from:
+    temperature-scaled, then top-k / top-p truncated and renormalised (vLLM's
+    `processed_logprobs`). That is the behaviour policy, the right denominator for importance
+    sampling; with top-k and top-p off (the M-GRPO recipe) it equals the tempered log-prob the
+    trainer computes.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -87,6 +87,7 @@ def test_top_k_1_and_tiny_top_p_are_greedy(make_tiny_qwen3, tokenizer, prompts, 
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1]
         assert s.response_ids == logits.argmax(-1).tolist()
+        assert s.logprobs == [0.0] * len(s.response_ids)  # the truncated distribution is one token
 
 
 def test_sampling_follows_the_tempered_distribution(make_tiny_qwen3, tokenizer):
@@ -133,3 +134,18 @@ def test_bad_updates_and_requests_are_clear_errors(make_tiny_qwen3, tokenizer, p
     engine.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.health()
+
+
+def test_truncated_sampling_reports_the_renormalised_logprob(make_tiny_qwen3, tokenizer, prompts):
+    model = make_tiny_qwen3()
+    samples = HFEngine(model, tokenizer).generate(prompts, n=3, sampling=SamplingParams(
+        temperature=0.9, top_k=5, max_new_tokens=5))
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1] / 0.9
+        top = logits.topk(5, dim=-1)
+        assert all(t in row for t, row in zip(s.response_ids, top.indices.tolist()))
+        expected = [lp[row.index(t)].item() for t, row, lp in
+                    zip(s.response_ids, top.indices.tolist(), torch.log_softmax(top.values, -1))]
+        assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(expected), atol=1e-5)
