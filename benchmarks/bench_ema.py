@@ -7,7 +7,6 @@ element: fp32 source 12 (read EMA, read source, write EMA), bf16 source 10.
 Run: python benchmarks/bench_ema.py
 """
 
-import random
 import statistics
 import time
 
@@ -16,15 +15,11 @@ import torch
 from megatron_mgrpo.algo import ema_update_
 
 
-def shapes(total: int, seed: int = 0) -> list[tuple[int, ...]]:
-    rng = random.Random(seed)
-    out, count = [], 0
-    while count < total:
-        hidden = rng.choice([512, 1024, 2048])
-        shape = rng.choice([(hidden,), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden), (3 * hidden, hidden)])
-        out.append(shape)
-        count += torch.Size(shape).numel()
-    return out
+def shapes(hidden: int = 640, layers: int = 14, vocab: int = 8000) -> list[tuple[int, ...]]:
+    """A Qwen3-like layout: per layer qkv, proj, fc1 (gate+up), fc2 and three norms."""
+    per_layer = [(3 * hidden, hidden), (hidden, hidden), (8 * hidden, hidden), (hidden, 4 * hidden),
+                 (hidden,), (hidden,), (hidden // 8,)]
+    return [(vocab, hidden)] + per_layer * layers + [(hidden,), (vocab, hidden)]
 
 
 def median_seconds(fn, reps: int = 7) -> float:
@@ -37,9 +32,9 @@ def median_seconds(fn, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def main(total: int = 100_000_000) -> None:
+def main() -> None:
     torch.manual_seed(0)
-    layout = shapes(total)
+    layout = shapes()
     n = sum(torch.Size(s).numel() for s in layout)
     print(f"{len(layout)} tensors, {n / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
     flat_ema, flat_src = torch.randn(n), torch.randn(n)
