@@ -1,11 +1,13 @@
 """Answer equivalence: which extracted answers mean the same thing.
 
 Two layers. First a conservative canonical string (spacing, `\\left`/`\\right`, `\\dfrac`, `$`,
-`\\text{}`, thousands separators, a trailing period): answers with the same canonical string are
-the same answer, for free. Then math-verify (symbolic equivalence: 1/2 = 0.5, 2 sqrt 2 = sqrt 8,
-sets, percents) runs only between the *distinct* canonical classes, comparing each class with
-the leaders of the classes found so far, so 32 answers with 5 distinct forms cost 5 parses and
-at most 10 comparisons instead of 496.
+`\\text{}`, thousands separators, a trailing period, trailing decimal zeros): answers with the
+same canonical string are the same answer, for free. Then math-verify (symbolic equivalence:
+1/2 = 0.5, 2 sqrt 2 = sqrt 8, sets, percents) runs only between the *distinct* canonical
+classes, comparing each class with the leaders of the classes found so far, so 32 answers with
+5 distinct forms cost 5 parses and at most 10 comparisons instead of 496. Two answers that are
+both plain numbers with clearly different values cannot be equivalent, so that pair skips the
+symbolic comparison altogether.
 
 math-verify parses with sympy, which can take unbounded time on hostile LaTeX, and its own
 timeouts only work in a process's main thread. So it runs in worker processes: one request per
@@ -21,6 +23,7 @@ import logging
 import multiprocessing as mp
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 _SPACING = re.compile(r"\\left|\\right|\\[!,;: ]|~")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = re.compile(r"-?\d+(?:\.\d*)?")
 
 
 def canonical_form(answer: str) -> str:
@@ -37,6 +41,8 @@ def canonical_form(answer: str) -> str:
     s = re.sub(r"\s+", "", s).rstrip(".").strip("$").rstrip(".")
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
+    if _DECIMAL.fullmatch(s):  # 12.0, 12.00 and 12 are the same number: exact decimal arithmetic
+        s = format(Decimal(s).normalize(), "f")
     return s
 
 
@@ -67,7 +73,8 @@ class _SymbolicGrouper:
         self._cache: dict[str, object] = {}
         self._cache_size = cache_size
 
-    def parsed(self, text: str, counts: dict) -> object:
+    def parsed(self, text: str, counts: dict) -> tuple[object, float | None]:
+        """(math-verify parse, numeric value when the answer is a plain real number)."""
         if text in self._cache:
             counts["cache_hits"] += 1
             return self._cache[text]
@@ -77,8 +84,8 @@ class _SymbolicGrouper:
             counts["parse_failures"] += 1
         if len(self._cache) >= self._cache_size:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[text] = value
-        return value
+        self._cache[text] = (value, _numeric_value(value))
+        return self._cache[text]
 
     def merge(self, representatives: list[str]) -> tuple[list[int], dict]:
         """For each representative, the index of the first representative it is equivalent to."""
@@ -86,11 +93,11 @@ class _SymbolicGrouper:
         leaders: list[int] = []
         merged_into = []
         for i, text in enumerate(representatives):
-            mine = self.parsed(text, counts)
+            mine, my_number = self.parsed(text, counts)
             target = i
             for leader in leaders if mine else ():
-                theirs = self.parsed(representatives[leader], counts)
-                if not theirs:
+                theirs, their_number = self.parsed(representatives[leader], counts)
+                if not theirs or _clearly_different(my_number, their_number):
                     continue
                 counts["verify_calls"] += 1
                 if self._verify(theirs, mine, timeout_seconds=None):
@@ -100,6 +107,22 @@ class _SymbolicGrouper:
                 leaders.append(i)
             merged_into.append(target)
         return merged_into, counts
+
+
+def _numeric_value(parsed: object) -> float | None:
+    """The value of a parse that is a single real number (sympy), else None."""
+    try:
+        expr = parsed[0]
+        if getattr(expr, "is_number", False) and expr.is_real:
+            return float(expr)
+    except (IndexError, TypeError, ValueError, OverflowError, AttributeError):
+        pass
+    return None
+
+
+def _clearly_different(a: float | None, b: float | None) -> bool:
+    """Numbers that no rounding math-verify applies (6 decimals) could make equal."""
+    return a is not None and b is not None and abs(a - b) > 1e-5 * max(1.0, abs(a), abs(b))
 
 
 def _worker_main(conn: Connection) -> None:

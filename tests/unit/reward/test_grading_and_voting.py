@@ -31,6 +31,8 @@ def test_canonical_form_is_conservative():
     assert canonical_form(r" $\left( 1, 2 \right)$. ") == "(1,2)"
     assert canonical_form("12,345") == "12345"
     assert canonical_form("1,2") == "1,2"  # a pair, not a thousands separator
+    assert canonical_form("12.50") == canonical_form("12.5") == "12.5" and canonical_form("-3.0") == "-3"
+    assert canonical_form("0.125") != canonical_form("0.12")
     assert canonical_form(r"\dfrac{1}{2}") == canonical_form(r"\frac{1}{2}")
 
 
@@ -82,7 +84,7 @@ def test_vote_is_permutation_invariant(grader, answers, seed, threshold):
 def test_a_hostile_answer_times_out_and_the_pool_recovers():
     with AnswerGrader(num_workers=1, timeout_s=2.0) as grader:
         start = time.perf_counter()
-        classes = grader.group_answers(["9^{9^{9^{9^{9}}}}", "3", "3.0", "3"])
+        classes = grader.group_answers(["9^{9^{9^{9^{9}}}}", "3", r"\frac{6}{2}", "3"])
         assert time.perf_counter() - start < 10
         assert grader.stats.timeouts == 1
         assert classes == [0, 1, 2, 1]  # only canonical merges survive a timeout
