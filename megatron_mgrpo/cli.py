@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.data.errors import DataError
+    from megatron_mgrpo.data.records import DataError
 
     try:
         return args.run(args)
