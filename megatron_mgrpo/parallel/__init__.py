@@ -1,0 +1,1 @@
+"""Distributed initialisation and the CPU adaptation of megatron-core."""
