@@ -16,6 +16,7 @@ BASE = [
     "omegaconf>=2.3",
     "pyyaml",
     "httpx",  # rollout server engines and their health checks
+    "xxhash",  # weight-bucket checksums
     "wandb",
     "rich",
     "tqdm",

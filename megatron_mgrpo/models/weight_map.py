@@ -86,37 +86,46 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], spec: ModelSpec, *, tp_rank: int
 def megatron_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec, *, pp_rank: int = 0,
                    pp_size: int = 1) -> dict[str, torch.Tensor]:
     """Full HF tensors of one pipeline stage from the state dicts of all its TP ranks (in rank order)."""
-    first = shards[0]
+    out = edge_to_hf(shards, spec)
+    for local, layer in enumerate(stage_layers(spec, pp_rank, pp_size)):
+        prefix = f"decoder.layers.{local}."
+        out.update(layer_to_hf([{n[len(prefix):]: t for n, t in s.items() if n.startswith(prefix)} for s in shards],
+                               spec, layer))
+    return out
 
-    def col(name):
-        return torch.cat([s[name] for s in shards], dim=0)
 
-    def row(name):
-        return torch.cat([s[name] for s in shards], dim=1)
-
-    out = {}
+def edge_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and output layer (whichever this stage holds) in HF names."""
+    first, out = shards[0], {}
     if "embedding.word_embeddings.weight" in first:
-        out["model.embed_tokens.weight"] = col("embedding.word_embeddings.weight")[:spec.vocab_size]
-    layers = stage_layers(spec, pp_rank, pp_size)
-    for local, layer in enumerate(layers):
-        h, m = f"model.layers.{layer}.", f"decoder.layers.{local}."
-        out[h + "input_layernorm.weight"] = first[m + "input_layernorm.weight"]
-        q, k, v = _unpack_qkv(spec, col(m + "self_attention.linear_qkv.weight"))
-        out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
-        if spec.qkv_bias:
-            q, k, v = _unpack_qkv(spec, col(m + "self_attention.linear_qkv.bias"))
-            out.update({h + "self_attn.q_proj.bias": q, h + "self_attn.k_proj.bias": k, h + "self_attn.v_proj.bias": v})
-        if spec.qk_layernorm:
-            out[h + "self_attn.q_norm.weight"] = first[m + "self_attention.q_layernorm.weight"]
-            out[h + "self_attn.k_norm.weight"] = first[m + "self_attention.k_layernorm.weight"]
-        out[h + "self_attn.o_proj.weight"] = row(m + "self_attention.linear_proj.weight")
-        out[h + "post_attention_layernorm.weight"] = first[m + "pre_mlp_layernorm.weight"]
-        gates, ups = zip(*(s[m + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards))
-        out[h + "mlp.gate_proj.weight"] = torch.cat(gates)
-        out[h + "mlp.up_proj.weight"] = torch.cat(ups)
-        out[h + "mlp.down_proj.weight"] = row(m + "mlp.linear_fc2.weight")
+        out["model.embed_tokens.weight"] = _cat(shards, "embedding.word_embeddings.weight", 0)[:spec.vocab_size]
     if "decoder.final_layernorm.weight" in first:
         out["model.norm.weight"] = first["decoder.final_layernorm.weight"]
-        if "output_layer.weight" in first:
-            out["lm_head.weight"] = col("output_layer.weight")[:spec.vocab_size]
+    if "output_layer.weight" in first:
+        out["lm_head.weight"] = _cat(shards, "output_layer.weight", 0)[:spec.vocab_size]
     return out
+
+
+def layer_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec, layer: int) -> dict[str, torch.Tensor]:
+    """One transformer layer in HF names from its TP shards (names relative to the layer)."""
+    first, h, out = shards[0], f"model.layers.{layer}.", {}
+    out[h + "input_layernorm.weight"] = first["input_layernorm.weight"]
+    q, k, v = _unpack_qkv(spec, _cat(shards, "self_attention.linear_qkv.weight", 0))
+    out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
+    if spec.qkv_bias:
+        q, k, v = _unpack_qkv(spec, _cat(shards, "self_attention.linear_qkv.bias", 0))
+        out.update({h + "self_attn.q_proj.bias": q, h + "self_attn.k_proj.bias": k, h + "self_attn.v_proj.bias": v})
+    if spec.qk_layernorm:
+        out[h + "self_attn.q_norm.weight"] = first["self_attention.q_layernorm.weight"]
+        out[h + "self_attn.k_norm.weight"] = first["self_attention.k_layernorm.weight"]
+    out[h + "self_attn.o_proj.weight"] = _cat(shards, "self_attention.linear_proj.weight", 1)
+    out[h + "post_attention_layernorm.weight"] = first["pre_mlp_layernorm.weight"]
+    gates, ups = zip(*(s["mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards))
+    out[h + "mlp.gate_proj.weight"] = torch.cat(gates)
+    out[h + "mlp.up_proj.weight"] = torch.cat(ups)
+    out[h + "mlp.down_proj.weight"] = _cat(shards, "mlp.linear_fc2.weight", 1)
+    return out
+
+
+def _cat(shards: list[dict[str, torch.Tensor]], name: str, dim: int) -> torch.Tensor:
+    return torch.cat([s[name] for s in shards], dim=dim)
