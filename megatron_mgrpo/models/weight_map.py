@@ -120,12 +120,17 @@ def layer_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec, layer: i
         out[h + "self_attn.k_norm.weight"] = first["self_attention.k_layernorm.weight"]
     out[h + "self_attn.o_proj.weight"] = _cat(shards, "self_attention.linear_proj.weight", 1)
     out[h + "post_attention_layernorm.weight"] = first["pre_mlp_layernorm.weight"]
-    gates, ups = zip(*(s["mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards))
-    out[h + "mlp.gate_proj.weight"] = torch.cat(gates)
-    out[h + "mlp.up_proj.weight"] = torch.cat(ups)
+    halves = [s["mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards]
+    out[h + "mlp.gate_proj.weight"] = _join([gate for gate, _ in halves], 0)
+    out[h + "mlp.up_proj.weight"] = _join([up for _, up in halves], 0)
     out[h + "mlp.down_proj.weight"] = _cat(shards, "mlp.linear_fc2.weight", 1)
     return out
 
 
 def _cat(shards: list[dict[str, torch.Tensor]], name: str, dim: int) -> torch.Tensor:
-    return torch.cat([s[name] for s in shards], dim=dim)
+    return _join([s[name] for s in shards], dim)
+
+
+def _join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate TP parts; a single part is returned as is (a view, no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

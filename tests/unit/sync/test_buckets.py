@@ -32,3 +32,9 @@ def test_checksum_sees_dtype_bytes():
     t = torch.randn(4)
     assert tensor_checksum(t) == tensor_checksum(t.clone()) != tensor_checksum(t + 1e-7)
     assert tensor_checksum(torch.randn(3).to(torch.float8_e4m3fn))
+
+
+def test_pushes_without_checksums_skip_verification():
+    bucket = next(bucketize(named(), version=1, checksums=False))
+    assert bucket.checksums is None
+    assert [n for n, _ in unbucketize([bucket], version=1)] == ["a", "b", "c", "d", "e"]
