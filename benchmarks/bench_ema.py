@@ -7,10 +7,10 @@ element: fp32 source 12 (read EMA, read source, write EMA), bf16 source 10.
 Run: python benchmarks/bench_ema.py
 """
 
-import statistics
 import time
 
 import torch
+from timing import median_seconds
 
 from megatron_mgrpo.algo import ema_update_
 
@@ -20,16 +20,6 @@ def shapes(hidden: int = 640, layers: int = 14, vocab: int = 8000) -> list[tuple
     per_layer = [(3 * hidden, hidden), (hidden, hidden), (8 * hidden, hidden), (hidden, 4 * hidden),
                  (hidden,), (hidden,), (hidden // 8,)]
     return [(vocab, hidden)] + per_layer * layers + [(hidden,), (vocab, hidden)]
-
-
-def median_seconds(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

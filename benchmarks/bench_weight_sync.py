@@ -9,21 +9,10 @@ Run: python benchmarks/bench_weight_sync.py
 """
 
 import os
-import statistics
-import time
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
-
-
-def median_seconds(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 class _Tokenizer:
@@ -63,9 +52,9 @@ def main() -> None:
             for target, tensor in pairs:
                 target.copy_(tensor)
 
-        copy_s = median_seconds(memcpy)
-        plain_s = median_seconds(lambda: sync(checksums=False))
-        checked_s = median_seconds(lambda: sync(checksums=True))
+        copy_s = median_seconds(memcpy, reps=5)
+        plain_s = median_seconds(lambda: sync(checksums=False), reps=5)
+        checked_s = median_seconds(lambda: sync(checksums=True), reps=5)
     finally:
         destroy_distributed()
     print(f"{params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB")

@@ -11,7 +11,9 @@ machine `apply_cpu_compat()` changes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import types
 
 import torch
 
@@ -33,9 +35,35 @@ def apply_cpu_compat() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     _install_cpu_rng_tracker()
     _patch_default_causal_mask()
+    _redirect_cuda_allocations("megatron.core.pipeline_parallel.schedules")
     _applied = True
     log.info("megatron-core adapted for CPU (no CUDA device)")
     return True
+
+
+def _redirect_cuda_allocations(module_name: str) -> None:
+    """Give one megatron module a `torch` whose tensor factories turn device="cuda" into the CPU.
+
+    The pipeline schedules allocate their bookkeeping tensors (token counts, loss accumulators)
+    with a literal device="cuda". Only that module sees the proxy; torch itself is untouched.
+    """
+    import importlib
+
+    module = importlib.import_module(module_name)
+
+    def on_cpu(factory):
+        @functools.wraps(factory)
+        def create(*args, device=None, **kwargs):
+            if device is not None and str(device).startswith("cuda"):
+                device = "cpu"
+            return factory(*args, device=device, **kwargs)
+        return create
+
+    proxy = types.ModuleType("torch")
+    proxy.__getattr__ = lambda name: getattr(torch, name)
+    for name in ("zeros", "ones", "empty", "full", "tensor", "arange"):
+        setattr(proxy, name, on_cpu(getattr(torch, name)))
+    module.torch = proxy
 
 
 def _patch_default_causal_mask() -> None:

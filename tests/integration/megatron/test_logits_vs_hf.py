@@ -1,6 +1,4 @@
-"""HF -> Megatron logits match the HF model, with real gloo processes (TP=1 and TP=2)."""
-
-import os
+"""HF -> Megatron logits match the HF model, with real gloo processes (TP=1, TP=2, PP=2)."""
 
 import pytest
 import torch
@@ -13,7 +11,31 @@ from tests.unit.models.test_weight_map import tiny
 KINDS = ("llama", "qwen2", "qwen3")
 
 
-def check_logits(rank: int, world: int, tp: int, port: int) -> None:
+def full_logits(model, ids, positions, pp: int) -> torch.Tensor | None:
+    """Vocab-gathered logits on the last pipeline stage (None elsewhere)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        return model(ids, positions, attention_mask=None), lambda output, non_loss_data=True: output
+
+    with torch.no_grad():
+        if pp == 1:
+            local = model(ids, positions, attention_mask=None)
+        else:  # through megatron's pipeline schedule, as training will run it
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+                seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True, collect_non_loss_data=True)
+            if not parallel_state.is_pipeline_last_stage():
+                return None
+            local = outputs[0]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)
+
+
+def check_logits(rank: int, world: int, tp: int, pp: int, port: int) -> None:
     from megatron.core import parallel_state
 
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
@@ -21,33 +43,31 @@ def check_logits(rank: int, world: int, tp: int, port: int) -> None:
     from megatron_mgrpo.models.weight_map import hf_to_megatron
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
 
-    init_distributed(tp=tp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    init_distributed(tp=tp, pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
     try:
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
         ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
         positions = torch.arange(9)[None].expand(2, 9)
         for kind in KINDS:
             hf_model = tiny(kind).eval()
             spec = model_spec_from_hf(hf_model.config, tp=tp)
-            model = build_gpt_model(spec, tp=tp).eval()
-            missing, unexpected = model.load_state_dict(
-                hf_to_megatron(hf_model.state_dict(), spec, tp_rank=tp_rank, tp_size=tp), strict=False)
+            model = build_gpt_model(spec, tp=tp, pp=pp, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+            missing, unexpected = model.eval().load_state_dict(hf_to_megatron(
+                hf_model.state_dict(), spec, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp), strict=False)
             assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+            logits = full_logits(model, ids, positions, pp)
+            if logits is None:
+                continue
             with torch.no_grad():
-                local = model(ids, positions, attention_mask=None)
-                shards = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-                logits = torch.cat(shards, dim=-1)[..., :spec.vocab_size]
-                reference = hf_model(input_ids=ids).logits
-            diff = (logits - reference).abs().max().item()
-            print(f"{kind} TP={tp} rank {rank}: max |logits - HF| = {diff:.2e}")
-            assert diff <= 1e-4, f"{kind} TP={tp}: max |logits - HF| = {diff}"
+                diff = (logits[..., :spec.vocab_size] - hf_model(input_ids=ids).logits).abs().max().item()
+            print(f"{kind} TP={tp} PP={pp} rank {rank}: max |logits - HF| = {diff:.2e}")
+            assert diff <= 1e-4, f"{kind} TP={tp} PP={pp}: max |logits - HF| = {diff}"
     finally:
         destroy_distributed()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_logits_match_hf(tp):
-    mp.start_processes(check_logits, args=(tp, tp, free_port()), nprocs=tp, start_method="spawn")
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_megatron_logits_match_hf(tp, pp):
+    mp.start_processes(check_logits, args=(tp * pp, tp, pp, free_port()), nprocs=tp * pp, start_method="spawn")
