@@ -17,40 +17,59 @@ import torch.distributed as dist
 
 
 def _masked_padding(local_logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """fp32 logits / T with padding columns at a very negative finite value (copies only what it must)."""
     from megatron.core import parallel_state
 
     width = local_logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * width
-    logits = local_logits.float() / temperature
+    logits = local_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if start + width > vocab_size:
         padding = torch.arange(start, start + width, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
+        # finite, because megatron's kernel subtracts the max; exp() of it is exactly 0
+        logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min / 2)
     return logits
 
 
-def vocab_parallel_logprobs(local_logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                            temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[target] per token; local_logits [..., V_local], targets [...]; differentiable."""
+def vocab_parallel_logprobs_and_entropy(local_logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits / T)[target], entropy) per token; local_logits [..., V_local], targets [...].
+
+    The log-probs are differentiable, the entropy is not. The logits are CONSUMED: megatron's
+    kernel subtracts the max and exponentiates in place, which is what keeps the memory at one
+    copy of the largest activation; this must therefore be their last use, and the entropy,
+    which only reads them, is computed first.
+    """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    logits = _masked_padding(local_logits, vocab_size, temperature)
-    # megatron's kernel wants finite logits (it subtracts the max); -inf padding becomes a very small number
-    logits = torch.nan_to_num(logits, neginf=torch.finfo(logits.dtype).min / 2)
-    return -vocab_parallel_cross_entropy(logits, targets)
+    entropy = vocab_parallel_entropy(local_logits, vocab_size, temperature)
+    logprobs = -vocab_parallel_cross_entropy(_masked_padding(local_logits, vocab_size, temperature), targets)
+    return logprobs, entropy
 
 
 @torch.no_grad()
-def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per token (no gradient: it feeds the IQR filter and metrics)."""
+def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                           chunk_tokens: int = 256) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per token (no gradient: it feeds the IQR filter and metrics).
+
+    Tokens are processed in chunks so the temporaries stay a small fraction of the logits; the
+    TP group sees two all-reduces in total.
+    """
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
-    logits = _masked_padding(local_logits, vocab_size, temperature)
-    peak = logits.amax(dim=-1)
+    rows = local_logits.reshape(-1, local_logits.shape[-1])
+    peak = torch.cat([_masked_padding(chunk, vocab_size, temperature).amax(dim=-1)
+                      for chunk in rows.split(chunk_tokens)])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - peak[..., None]
-    weights = shifted.exp()
-    sums = torch.stack([weights.sum(-1), (weights * shifted.nan_to_num(neginf=0.0)).sum(-1)])
+    sums = torch.empty(2, rows.shape[0])
+    for index, chunk in enumerate(rows.split(chunk_tokens)):
+        span = slice(index * chunk_tokens, index * chunk_tokens + chunk.shape[0])
+        shifted = _masked_padding(chunk, vocab_size, temperature) - peak[span, None]
+        weights = shifted.exp()
+        sums[0, span] = weights.sum(-1)
+        sums[1, span] = torch.linalg.vecdot(weights, shifted)
     dist.all_reduce(sums, group=group)
     normaliser, weighted = sums
-    return normaliser.log() - weighted / normaliser
+    return (normaliser.log() - weighted / normaliser).reshape(local_logits.shape[:-1])
