@@ -18,7 +18,6 @@ import asyncio
 import os
 import secrets
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,14 +142,13 @@ class VLLMEngine:
         self.weights_version = version
 
     def _load_weights_file(self, path: Path) -> None:
-        started = time.monotonic()
-        reply = httpx.post(self.server.spec.url + "/collective_rpc", headers=self._headers, timeout=self.request_timeout_s,
+        reply = httpx.post(self.server.spec.url + "/collective_rpc", headers=self._headers,
+                           timeout=self.request_timeout_s,
                            json={"method": "mgrpo_load_weights", "kwargs": {"path": str(path)}})
         if reply.status_code != 200:
             raise ServerError(f"vLLM {self.name} rejected the weight update from {path} "
                               f"(HTTP {reply.status_code}): {reply.text[:500]}")
         httpx.post(self.server.spec.url + "/reset_prefix_cache", headers=self._headers, timeout=60).raise_for_status()
-        self.last_load_seconds = time.monotonic() - started
 
     # ---------------------------------------------------------------------------------- lifecycle
 
