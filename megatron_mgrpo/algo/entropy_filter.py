@@ -3,48 +3,61 @@
 Self-rewarding RL tends to collapse into overconfidence: a few near-deterministic trajectories
 win the vote and get reinforced until the policy's entropy is gone. M-GRPO drops, per prompt,
 the trajectories whose mean token entropy falls below T = Q1 - k (Q3 - Q1), an outlier fence
-that adapts to how the entropy distribution shifts during training (a fixed "bottom 10 %" rule
-would always drop something, and nothing once everything has collapsed together).
+that moves with the entropy distribution during training (a fixed "bottom 10 %" rule would
+always drop something, and would keep dropping once everything has collapsed together).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 
 def trajectory_entropy(token_entropy: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean token entropy over each response's tokens: [B, T] -> [B]; NaN for an empty response."""
-    mask = response_mask.to(token_entropy.dtype)
-    tokens = mask.sum(-1)
-    total = (token_entropy * mask).sum(-1)
-    return torch.where(tokens > 0, total / tokens.clamp(min=1), torch.full_like(total, float("nan")))
+    valid = response_mask.bool()
+    tokens = valid.sum(-1)
+    total = torch.where(valid, token_entropy, 0).sum(-1)
+    return torch.where(tokens > 0, total / tokens.clamp(min=1), torch.nan)
 
 
-@dataclass
-class IQRFilter:
-    """keep [P, G] (True = trained on), the per-prompt threshold [P], and how many were dropped."""
+def iqr_threshold(entropy: torch.Tensor, k: float = 0.75) -> torch.Tensor:
+    """T = Q1 - k (Q3 - Q1) per prompt over the G trajectories of `entropy` [P, G] -> [P] (float64).
 
-    keep: torch.Tensor
-    threshold: torch.Tensor
-    dropped: int
-
-
-def iqr_filter(entropy: torch.Tensor, k: float = 0.75) -> IQRFilter:
-    """Apply T = Q1 - k (Q3 - Q1) per prompt over all G trajectories of `entropy` [P, G].
-
-    Quartiles use linear interpolation (numpy's default) over the finite entropies of the row.
-    Equal entropies give IQR = 0 and T = Q1, so nothing is dropped; G = 1 or 2 behave the same
-    way by construction (nothing lies strictly below the smallest value). NaN entropies (empty
-    responses) are excluded from the quartiles and dropped themselves, since they carry no
-    tokens to train on; a row of only NaN drops everything.
+    Quartiles interpolate linearly (numpy's default) over the row's non-NaN entropies; a row
+    that is all NaN gets NaN. Computed in float64 so that the comparison against the inputs in
+    `iqr_keep_mask` is exact whatever their dtype.
     """
     if k < 0:
-        raise ValueError(f"algo.iqr_k={k} must be >= 0")
-    if entropy.dim() != 2:
-        raise ValueError(f"entropy must be [prompts, group], got shape {tuple(entropy.shape)}")
-    q1, q3 = torch.nanquantile(entropy.double(), torch.tensor([0.25, 0.75], dtype=torch.double), dim=-1)
-    threshold = (q1 - k * (q3 - q1)).to(entropy.dtype)
-    keep = entropy >= threshold[:, None]  # NaN compares False: empty responses are dropped
-    return IQRFilter(keep=keep, threshold=threshold, dropped=int((~keep).sum()))
+        raise ValueError(f"algo.iqr_k={k} must be >= 0 (the fence sits k interquartile ranges below Q1)")
+    if entropy.dim() != 2 or not entropy.is_floating_point():
+        raise ValueError(f"entropy must be a float [prompts, group] tensor, got {entropy.dtype} "
+                         f"{tuple(entropy.shape)}")
+    entropy = entropy.double()
+    q1, q3 = torch.nanquantile(entropy, entropy.new_tensor([0.25, 0.75]), dim=-1)
+    return q1 - k * (q3 - q1)
+
+
+def iqr_keep_mask(entropy: torch.Tensor, k: float = 0.75) -> torch.Tensor:
+    """keep [P, G] (True = trained on): H >= T, with T from `iqr_threshold`.
+
+    Nothing is dropped when the entropies of a prompt are equal (IQR = 0, T = Q1 = every H),
+    and the most uncertain trajectory is always kept (T <= Q1 <= max). With G = 1 or 2 nothing
+    can be dropped either: T falls at or below the smallest entropy. A NaN entropy (a response
+    with no tokens) is left out of the quartiles and dropped itself, as it has nothing to train
+    on; a row of only NaN drops everything. The caller keeps `keep[:, :M]` for the M policy
+    responses: the momentum responses shape the fence but are never trained on.
+    """
+    return entropy.double() >= iqr_threshold(entropy, k)[:, None]  # NaN compares False
+
+
+def drop_stats(keep: torch.Tensor, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics of a filter decision (pass `keep[:, :M]`, `entropy[:, :M]` for the trained part).
+
+    dropped: how many responses were dropped; dropped_fraction: of all responses;
+    dropped_empty: how many of those were dropped for having no tokens (NaN entropy) rather than
+    for low entropy. Tensors, so that logging them does not force a device sync here.
+    """
+    dropped = ~keep
+    return {"dropped": dropped.sum(),
+            "dropped_fraction": dropped.float().mean(),
+            "dropped_empty": (dropped & entropy.isnan()).sum()}

@@ -1,42 +1,63 @@
-"""Policy-gradient loss, KL penalty and entropy, token-level and batched.
+"""The policy-gradient loss: PPO-clip surrogate with truncated importance sampling, token-level.
 
-The surrogate is the PPO-clip objective with separate lower / upper epsilons; in the on-policy
-case (one optimizer step per rollout batch) `old_logp` equals `logp.detach()`, the ratio is 1
-and the gradient is exactly REINFORCE with group advantages. Truncated importance sampling
-corrects for the engine sampling from slightly different numerics than the trainer's
-(different kernels, bf16 / FP8 rollout weights): each token is weighted by
-w = pi_old(y) / pi_rollout(y), capped, which keeps the surrogate's gradient valid when the
-train-inference mismatch is small and bounded when it is not.
+In the on-policy case (one optimizer step per rollout batch) `old_logp` is `logp.detach()`,
+the ratio is 1 and the gradient is exactly REINFORCE with group advantages; the clip only acts
+when a rollout batch is split over several optimizer steps. Truncated importance sampling
+corrects for the rollout engine sampling with other numerics than the trainer (other kernels,
+bf16 / FP8 weights): each token is weighted by w = pi_old(y) / pi_rollout(y), capped, which
+keeps the gradient consistent while the mismatch is small and bounded when it is not.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 TIS_MODES = ("truncate", "mask")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
     """Reduce per-token values [B, T] over the tokens where `mask` is set.
 
     token-mean: every token of the batch weighs the same (long answers weigh more);
-    seq-mean-token-sum: sum per sequence, mean over sequences (Dr. GRPO's unbiased form, up to a
-    constant); seq-mean-token-mean: mean per sequence, then over sequences (the original GRPO).
+    seq-mean-token-sum: sum per sequence, mean over sequences (Dr. GRPO's length-unbiased form,
+    up to a constant); seq-mean-token-mean: mean per sequence, then over sequences (the original
+    GRPO). Sequences without tokens do not count. Values outside the mask are ignored, even
+    if they are NaN or infinite.
     """
-    mask = mask.to(values.dtype)
-    if agg == "token-mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    per_sequence = (values * mask).sum(-1)
-    if agg == "seq-mean-token-mean":
-        per_sequence = per_sequence / mask.sum(-1).clamp(min=1)
-    elif agg != "seq-mean-token-sum":
+    if agg not in AGGREGATIONS:
         raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(AGGREGATIONS)}")
-    has_tokens = (mask.sum(-1) > 0).to(values.dtype)
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    valid = mask.bool()
+    values = torch.where(valid, values, 0)
+    if agg == "token-mean":
+        return values.sum() / valid.sum().clamp(min=1)
+    tokens = valid.sum(-1)
+    per_sequence = values.sum(-1)
+    if agg == "seq-mean-token-mean":
+        per_sequence = per_sequence / tokens.clamp(min=1)
+    return per_sequence.sum() / (tokens > 0).sum().clamp(min=1)
+
+
+def _check_settings(clip_low: float, clip_high: float, tis_cap: float, tis_mode: str) -> None:
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"algo.clip_low={clip_low} must be in [0, 1): the ratio is clipped at 1 - clip_low")
+    if clip_high < 0:
+        raise ValueError(f"algo.clip_high={clip_high} must be >= 0: the ratio is clipped at 1 + clip_high")
+    if tis_cap <= 0:
+        raise ValueError(f"algo.tis_cap={tis_cap} must be > 0 (typical: 2)")
+    if tis_mode not in TIS_MODES:
+        raise ValueError(f"algo.tis_mode={tis_mode!r} is not one of {', '.join(TIS_MODES)}")
+
+
+def _check_shapes(logp: torch.Tensor, advantages: torch.Tensor, **per_token: torch.Tensor | None) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [batch, tokens], got shape {tuple(logp.shape)}")
+    for name, tensor in per_token.items():
+        if tensor is not None and tensor.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but logp has {tuple(logp.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be one per sequence, shape ({logp.shape[0]},), "
+                         f"got {tuple(advantages.shape)}")
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -45,70 +66,36 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 agg: str = "token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip policy-gradient loss with truncated importance sampling.
 
-    logp, old_logp, rollout_logp, mask: [B, T] (log-probs of the response tokens under the
-    current policy, the policy that sampled this batch as recomputed by the trainer, and the
-    rollout engine); advantages: [B], one per sequence. Returns (loss, stats) with detached
-    stats: clip fraction, mean ratio, and the TIS weight mean and capped fraction.
+    logp, old_logp, rollout_logp, mask: [B, T]: log-probs of the sampled tokens under the
+    policy being trained, under the policy that sampled the batch (as recomputed by the
+    trainer), and as reported by the rollout engine; advantages: [B], one per sequence.
+    TIS weights w = exp(old_logp - rollout_logp), detached; `truncate` uses min(w, tis_cap),
+    `mask` gives tokens with w > tis_cap weight 0. Positions outside `mask` may hold anything
+    (padding); they reach neither the loss nor the gradient.
+
+    Returns (loss, stats), stats detached: clip_fraction (tokens whose gradient the clip
+    zeroes), ratio_mean, and with rollout_logp tis_weight_mean (of the applied weights) and
+    tis_capped_fraction (tokens with w > tis_cap).
     """
-    if clip_low < 0 or clip_high < 0:
-        raise ValueError(f"algo.clip_low={clip_low} and algo.clip_high={clip_high} must be >= 0")
-    if tis_cap <= 0:
-        raise ValueError(f"algo.tis_cap={tis_cap} must be > 0")
-    if tis_mode not in TIS_MODES:
-        raise ValueError(f"algo.tis_mode={tis_mode!r} is not one of {', '.join(TIS_MODES)}")
+    _check_settings(clip_low, clip_high, tis_cap, tis_mode)
+    _check_shapes(logp, advantages, old_logp=old_logp, mask=mask, rollout_logp=rollout_logp)
+    valid = mask.bool()
+    # zero the log-ratio on padding before exp, so garbage there cannot overflow into NaN gradients
+    ratio = torch.exp(torch.where(valid, logp - old_logp, 0))
     advantages = advantages[:, None]
-    ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
-    maskf = mask.to(per_token.dtype)
-    tokens = maskf.sum().clamp(min=1)
-    stats = {"clip_fraction": ((clipped > unclipped).to(maskf.dtype) * maskf).sum() / tokens,
-             "ratio_mean": (ratio.detach() * maskf).sum() / tokens}
+    tokens = valid.sum().clamp(min=1)
+
+    def token_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, values.detach().float(), 0).sum() / tokens
+
+    stats = {"clip_fraction": token_mean(clipped > unclipped), "ratio_mean": token_mean(ratio)}
     if rollout_logp is not None:
-        weight = torch.exp(old_logp - rollout_logp).detach()
+        weight = torch.exp(torch.where(valid, old_logp - rollout_logp, 0)).detach()
         capped = weight > tis_cap
-        weight = weight.clamp(max=tis_cap) if tis_mode == "truncate" else weight.masked_fill(capped, 0.0)
+        weight = weight.clamp(max=tis_cap) if tis_mode == "truncate" else weight.masked_fill(capped, 0)
         per_token = per_token * weight
-        stats["tis_weight_mean"] = (weight * maskf).sum() / tokens
-        stats["tis_capped_fraction"] = (capped.to(maskf.dtype) * maskf).sum() / tokens
-    return aggregate(per_token, mask, agg), {name: value.detach() for name, value in stats.items()}
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3).
-
-    k1 = log(pi / pi_ref) is unbiased but high-variance and can be negative; k2 = (log ratio)^2 / 2
-    is low-variance but biased; k3 = r - log r - 1 with r = pi_ref / pi is unbiased, low-variance
-    and never negative, hence the default.
-    """
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio ** 2
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"algo.kl_estimator={estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, computed without forming log(0)."""
-    logits = logits.float()
-    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - logz)
-    return logz.squeeze(-1) - (probs * logits).sum(-1)
-
-
-def self_certainty_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Intuitor's self-certainty per sequence: mean over response tokens of KL(U || p).
-
-    KL(U || p) = -log V - mean_v log p_v: how far the next-token distribution is from uniform.
-    logits [B, T, V], mask [B, T] -> [B].
-    """
-    logits = logits.float()
-    vocab = logits.shape[-1]
-    mean_logprob = logits.mean(-1) - torch.logsumexp(logits, dim=-1)
-    per_token = -math.log(vocab) - mean_logprob
-    maskf = mask.to(per_token.dtype)
-    return (per_token * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
+        stats |= {"tis_weight_mean": token_mean(weight), "tis_capped_fraction": token_mean(capped)}
+    return aggregate(per_token, valid, agg), stats

@@ -3,7 +3,7 @@
 Every setting the dense Llama / Qwen2 / Qwen3 families use is mapped explicitly; anything else
 (other rope scalings, sliding windows, biases in odd places, activations) fails here, before a
 model is built or a tensor written, because a silently mis-mapped setting gives a model that
-loads, runs and is wrong.
+loads, runs and is wrong. MoE families slot in as further `model_type`s with expert fields.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+#: megatron-core's Llama-3 RoPE scaling has these constants built in; HF configs carry them.
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ModelSpec:
     padded_vocab_size: int
     max_position_embeddings: int
     rope_theta: float
+    rope_scaling_factor: float | None  # Llama-3 style frequency scaling; None for plain RoPE
     norm_eps: float
     qk_layernorm: bool
     qkv_bias: bool
@@ -43,36 +46,60 @@ def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _rope(config) -> tuple[float, float | None]:
+    """(rope base, Llama-3 scaling factor or None), or an error for a RoPE megatron would get wrong."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        for key, expected in MEGATRON_LLAMA3_ROPE.items():
+            if float(rope.get(key, expected)) != expected:
+                raise ValueError(f"rope_parameters.{key}={rope[key]} is not supported: megatron-core's Llama-3 "
+                                 f"RoPE scaling is fixed to {key}={expected}")
+        return theta, float(rope["factor"])
+    raise ValueError(f"rope_type={rope_type!r} ({config.model_type}) is not mapped to megatron-core yet; "
+                     f"supported: default, llama3")
+
+
 def model_spec_from_hf(hf_config: Any, tp: int = 1) -> ModelSpec:
-    """Read a transformers config (object or config.json dict) for a supported dense model."""
-    get = hf_config.get if isinstance(hf_config, dict) else lambda key, default=None: getattr(hf_config, key, default)
-    model_type = get("model_type")
+    """Read a transformers config (object or config.json dict) of a supported dense model."""
+    is_dict = isinstance(hf_config, dict)
+    model_type = hf_config.get("model_type") if is_dict else getattr(hf_config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    rope = get("rope_parameters") or get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type={rope_type!r} ({model_type}) is not mapped to megatron-core yet; "
-                         f"only the default RoPE is supported")
-    if get("use_sliding_window", False):
-        raise ValueError(f"{model_type} with use_sliding_window=True is not supported")
-    if get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={get('hidden_act')!r} is not supported (SwiGLU with silu only)")
-    if get("mlp_bias", False):
-        raise ValueError("mlp_bias=True is not supported")
-    heads, groups = get("num_attention_heads"), get("num_key_value_heads") or get("num_attention_heads")
+    if is_dict:  # a config.json dict gets its architecture's own defaults, as transformers would give it
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**hf_config)
+    else:
+        config = hf_config
+    theta, scaling = _rope(config)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "use_sliding_window", False) or layer_types != {"full_attention"}:
+        raise ValueError(f"{model_type} with sliding-window attention (use_sliding_window / layer_types="
+                         f"{sorted(layer_types)}) is not supported: only full attention maps to megatron-core")
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (SwiGLU with silu only)")
+    if getattr(config, "mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported: megatron's add_bias_linear would also bias the attention")
+    if model_type != "qwen2" and getattr(config, "attention_bias", False):
+        raise ValueError(f"attention_bias=True ({model_type}) is not supported: it biases o_proj too, which "
+                         f"megatron's add_qkv_bias does not")
+    heads = config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None) or heads
     if groups % tp:
         raise ValueError(f"parallel.tp={tp} must divide num_key_value_heads={groups}")
     return ModelSpec(
-        model_type=model_type, num_layers=get("num_hidden_layers"), hidden_size=get("hidden_size"),
-        num_heads=heads, num_query_groups=groups, head_dim=get("head_dim") or get("hidden_size") // heads,
-        ffn_hidden_size=get("intermediate_size"), vocab_size=get("vocab_size"),
-        padded_vocab_size=padded_vocab(get("vocab_size"), tp),
-        max_position_embeddings=get("max_position_embeddings"),
-        rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))), norm_eps=get("rms_norm_eps"),
-        qk_layernorm=model_type == "qwen3",
-        qkv_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
-        tied_embeddings=bool(get("tie_word_embeddings", False)))
+        model_type=model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        num_heads=heads, num_query_groups=groups,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        ffn_hidden_size=config.intermediate_size, vocab_size=config.vocab_size,
+        padded_vocab_size=padded_vocab(config.vocab_size, tp), max_position_embeddings=config.max_position_embeddings,
+        rope_theta=theta, rope_scaling_factor=scaling, norm_eps=config.rms_norm_eps,
+        qk_layernorm=model_type == "qwen3", qkv_bias=model_type == "qwen2",
+        tied_embeddings=bool(config.tie_word_embeddings))
 
 
 def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32):
@@ -92,3 +119,11 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtyp
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=params_dtype,
         pipeline_dtype=params_dtype, use_cpu_initialization=not torch.cuda.is_available())
+
+
+def gpt_model_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """GPTModel's own arguments (besides config, layer spec and pipeline position) for `spec`."""
+    return dict(vocab_size=spec.padded_vocab_size, max_sequence_length=spec.max_position_embeddings,
+                share_embeddings_and_output_weights=spec.tied_embeddings, position_embedding_type="rope",
+                rotary_base=spec.rope_theta, rope_scaling=spec.rope_scaling_factor is not None,
+                rope_scaling_factor=spec.rope_scaling_factor or 1.0, parallel_output=True)

@@ -1,4 +1,5 @@
-"""Building the megatron-core GPT model: Transformer Engine layers on GPU, local layers otherwise."""
+"""Building the megatron-core GPT model (Transformer Engine layers on GPU, local layers otherwise)
+and loading Hugging Face weights into the shard this process holds."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import importlib.util
 
 import torch
 
-from megatron_mgrpo.models.hf_config import ModelSpec, transformer_config
+from megatron_mgrpo.models.hf_config import ModelSpec, gpt_model_kwargs, transformer_config
+from megatron_mgrpo.models.weight_map import TE_FUSED_NORMS, hf_to_megatron
 
 
 def transformer_engine_available() -> bool:
+    """TE layers need CUDA; checked without importing TE, which is heavy and GPU-only."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -17,19 +20,32 @@ def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, pre_process: b
                     post_process: bool = True, params_dtype: torch.dtype = torch.float32):
     """One pipeline stage of the model (all of it when pp == 1), for the current parallel state."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
 
-    if spec.tied_embeddings and pp > 1:
-        raise ValueError("tied embeddings with parallel.pp > 1 are not supported yet: use parallel.pp=1")
     config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype)
     if transformer_engine_available():
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+    return GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process, **gpt_model_kwargs(spec))
 
-        layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
-    return GPTModel(config, layer_spec, vocab_size=spec.padded_vocab_size,
-                    max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
-                    post_process=post_process, share_embeddings_and_output_weights=spec.tied_embeddings,
-                    position_embedding_type="rope", rotary_base=int(spec.rope_theta), parallel_output=True)
+
+def load_hf_weights(model: torch.nn.Module, hf: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    """Copy full HF tensors into this rank's shard of `model` (TP / PP rank from megatron's state).
+
+    The load is strict: a name that the map produces but the model lacks, or a model weight the
+    map does not produce, is an error listing them, because a partially loaded model still runs.
+    """
+    from megatron.core import parallel_state as ps
+
+    expected = model.state_dict()
+    fused_norms = any(name.endswith(te_name) for name in expected for _, te_name in TE_FUSED_NORMS)
+    shard = hf_to_megatron(hf, spec, tp_rank=ps.get_tensor_model_parallel_rank(),
+                           tp_size=ps.get_tensor_model_parallel_world_size(),
+                           pp_rank=ps.get_pipeline_model_parallel_rank(),
+                           pp_size=ps.get_pipeline_model_parallel_world_size(), fused_norms=fused_norms)
+    missing, unexpected = model.load_state_dict(shard, strict=False)
+    missing = [name for name in missing if not name.endswith("_extra_state")]  # TE's FP8 metadata
+    if missing or unexpected:
+        raise ValueError(f"HF -> Megatron map does not fit the {spec.model_type} model: model weights not "
+                         f"loaded {missing}, mapped names the model lacks {unexpected}")

@@ -9,7 +9,10 @@ Layout facts (checked against HF logits): q/k/v are packed into `linear_qkv` per
 stacked into `linear_fc1` per TP rank as [gate shard; up shard]; column-parallel weights
 (qkv, fc1, embedding and output layer by vocabulary) split dim 0, row-parallel ones (attention
 output, fc2) dim 1; norms are replicated. The vocabulary is padded to a multiple of 128 x TP:
-padded rows are zero on load and dropped on export.
+padded rows are zero on load and dropped on export. With tied embeddings and several pipeline
+stages the last stage holds a copy of the embedding as its output layer (megatron keeps the two
+in step); export reads the embedding only. Transformer Engine layers fuse each pre-norm into the
+linear after it, so the two layer norms have other names there (`TE_FUSED_NORMS`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 import torch
 
 from megatron_mgrpo.models.hf_config import ModelSpec
+
+#: (local layer spec name, Transformer Engine layer spec name) of the norms TE fuses into a linear.
+TE_FUSED_NORMS = (("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+                  ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
 
 
 def stage_layers(spec: ModelSpec, pp_rank: int, pp_size: int) -> range:
@@ -49,8 +56,11 @@ def _pad_vocab(spec: ModelSpec, weight: torch.Tensor) -> torch.Tensor:
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], spec: ModelSpec, *, tp_rank: int = 0, tp_size: int = 1,
-                   pp_rank: int = 0, pp_size: int = 1) -> dict[str, torch.Tensor]:
-    """The local Megatron state dict of rank (tp_rank, pp_rank) from full HF tensors."""
+                   pp_rank: int = 0, pp_size: int = 1, fused_norms: bool = False) -> dict[str, torch.Tensor]:
+    """The local Megatron state dict of rank (tp_rank, pp_rank) from full HF tensors.
+
+    `fused_norms` names the layer norms as the Transformer Engine layer spec does.
+    """
     def col(t):
         return t.chunk(tp_size, dim=0)[tp_rank].clone()
 
@@ -76,10 +86,15 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], spec: ModelSpec, *, tp_rank: int
         out[m + "mlp.linear_fc1.weight"] = torch.cat([col(hf[h + "mlp.gate_proj.weight"]),
                                                        col(hf[h + "mlp.up_proj.weight"])])
         out[m + "mlp.linear_fc2.weight"] = row(hf[h + "mlp.down_proj.weight"])
+        if fused_norms:
+            for local_name, te_name in TE_FUSED_NORMS:
+                out[m + te_name] = out.pop(m + local_name)
     if pp_rank == pp_size - 1:
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
         if not spec.tied_embeddings:
             out["output_layer.weight"] = col(_pad_vocab(spec, hf["lm_head.weight"]))
+        elif pp_size > 1:  # the last stage's copy of the tied embedding
+            out["output_layer.weight"] = col(_pad_vocab(spec, hf["model.embed_tokens.weight"]))
     return out
 
 
@@ -101,7 +116,7 @@ def edge_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec) -> dict[s
         out["model.embed_tokens.weight"] = _cat(shards, "embedding.word_embeddings.weight", 0)[:spec.vocab_size]
     if "decoder.final_layernorm.weight" in first:
         out["model.norm.weight"] = first["decoder.final_layernorm.weight"]
-    if "output_layer.weight" in first:
+    if "output_layer.weight" in first and not spec.tied_embeddings:
         out["lm_head.weight"] = _cat(shards, "output_layer.weight", 0)[:spec.vocab_size]
     return out
 
@@ -109,7 +124,8 @@ def edge_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec) -> dict[s
 def layer_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec, layer: int) -> dict[str, torch.Tensor]:
     """One transformer layer in HF names from its TP shards (names relative to the layer)."""
     first, h, out = shards[0], f"model.layers.{layer}.", {}
-    out[h + "input_layernorm.weight"] = first["input_layernorm.weight"]
+    input_norm, pre_mlp_norm = (te if te in first else local for local, te in TE_FUSED_NORMS)
+    out[h + "input_layernorm.weight"] = first[input_norm]
     q, k, v = _unpack_qkv(spec, _cat(shards, "self_attention.linear_qkv.weight", 0))
     out.update({h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v})
     if spec.qkv_bias:
@@ -119,7 +135,7 @@ def layer_to_hf(shards: list[dict[str, torch.Tensor]], spec: ModelSpec, layer: i
         out[h + "self_attn.q_norm.weight"] = first["self_attention.q_layernorm.weight"]
         out[h + "self_attn.k_norm.weight"] = first["self_attention.k_layernorm.weight"]
     out[h + "self_attn.o_proj.weight"] = _cat(shards, "self_attention.linear_proj.weight", 1)
-    out[h + "post_attention_layernorm.weight"] = first["pre_mlp_layernorm.weight"]
+    out[h + "post_attention_layernorm.weight"] = first[pre_mlp_norm]
     halves = [s["mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards]
     out[h + "mlp.gate_proj.weight"] = _join([gate for gate, _ in halves], 0)
     out[h + "mlp.up_proj.weight"] = _join([up for _, up in halves], 0)

@@ -13,6 +13,7 @@ import re
 MODES = ("strict", "lenient")
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _STATED = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?:\s|$)")
 
 
 def extract_answer(text: str, mode: str = "strict") -> str | None:
@@ -25,10 +26,16 @@ def extract_answer(text: str, mode: str = "strict") -> str | None:
     if mode == "lenient":
         stated = [m.end() for m in _STATED.finditer(text)]
         if stated:
-            answer = text[stated[-1]:].strip().split("\n", 1)[0].strip().strip("$").strip()
-            answer = answer[:-1].strip() if answer.endswith(".") else answer
-            return answer or None
+            return _stated_answer(text[stated[-1]:])
     return None
+
+
+def _stated_answer(rest: str) -> str | None:
+    """The rest of the sentence after "the answer is": up to a period that ends it (not the one
+    in 3.5) or the end of the line, without `$` or markdown `**` around it."""
+    line = rest.strip().split("\n", 1)[0]
+    sentence = _SENTENCE_END.split(line, maxsplit=1)[0]
+    return sentence.strip().strip("*$").strip() or None
 
 
 def _box_content(text: str, start: int) -> str | None:

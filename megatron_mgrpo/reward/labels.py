@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from megatron_mgrpo.reward.equivalence import AnswerGrader
 from megatron_mgrpo.reward.voting import Vote, vote
@@ -41,6 +42,14 @@ class LabelResult:
     rewards: list[float]
     vote: Vote | None
     trained: bool
+
+
+class LabelSource(Protocol):
+    """Turns the answers of a batch of prompts into rewards for the policy's responses."""
+
+    name: str
+
+    def label(self, groups: list[PromptGroup]) -> list[LabelResult]: ...
 
 
 class MajorityVote:
@@ -125,7 +134,7 @@ def _votes(pools: list[list[str | None]], grader: AnswerGrader, threshold: float
 
 
 def make_label_source(name: str, grader: AnswerGrader, *, threshold: float = 0.0, ttrl_train_samples: int = 16,
-                      gold: Mapping[str, str] | None = None):
+                      gold: Mapping[str, str] | None = None) -> LabelSource:
     """The label source called `name`; `gold` is accepted by `gt` only."""
     if name not in SOURCES:
         raise ValueError(f"reward.label_source={name!r} is not one of {', '.join(SOURCES)}")

@@ -39,6 +39,9 @@ def vote(answers: list[str | None], grader: AnswerGrader, threshold: float = 0.0
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"reward.vote_threshold={threshold} must be in [0, 1]")
     classes = grader.group_answers(answers) if classes is None else classes
+    if len(classes) != len(answers):
+        raise ValueError(f"vote got {len(classes)} class ids for {len(answers)} answers: pass the grouping "
+                         f"of exactly these answers (grader.group_answers(answers))")
     members: dict[int, list[str]] = {}
     for answer, cls in zip(answers, classes):
         if cls is not None:

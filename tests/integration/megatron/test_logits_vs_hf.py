@@ -8,7 +8,9 @@ import torch.multiprocessing as mp
 from megatron_mgrpo.rollout.server import free_port
 from tests.unit.models.test_weight_map import tiny
 
-KINDS = ("llama", "qwen2", "qwen3")
+# (architecture, tied embeddings): Llama with Llama-3 RoPE scaling, Qwen2 (qkv bias), Qwen3 (q/k norm)
+MODELS = (("llama3", False), ("qwen2", False), ("qwen3", False), ("qwen3", True))
+SEQ_LEN = 48  # long enough for the rescaled Llama-3 RoPE frequencies to move the logits
 
 
 def full_logits(model, ids, positions, pp: int) -> torch.Tensor | None:
@@ -39,29 +41,28 @@ def check_logits(rank: int, world: int, tp: int, pp: int, port: int) -> None:
     from megatron.core import parallel_state
 
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
-    from megatron_mgrpo.models.provider import build_gpt_model
-    from megatron_mgrpo.models.weight_map import hf_to_megatron
+    from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
 
     init_distributed(tp=tp, pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
     try:
-        tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-        ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
-        positions = torch.arange(9)[None].expand(2, 9)
-        for kind in KINDS:
-            hf_model = tiny(kind).eval()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        ids = torch.randint(0, 101, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(SEQ_LEN)[None].expand(2, SEQ_LEN)
+        for kind, tied in MODELS:
+            hf_model = tiny(kind, tied=tied).eval()
             spec = model_spec_from_hf(hf_model.config, tp=tp)
             model = build_gpt_model(spec, tp=tp, pp=pp, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
-            missing, unexpected = model.eval().load_state_dict(hf_to_megatron(
-                hf_model.state_dict(), spec, tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=pp), strict=False)
-            assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
+            load_hf_weights(model.eval(), hf_model.state_dict(), spec)
             logits = full_logits(model, ids, positions, pp)
             if logits is None:
                 continue
+            assert logits.shape[-1] == spec.padded_vocab_size
             with torch.no_grad():
                 diff = (logits[..., :spec.vocab_size] - hf_model(input_ids=ids).logits).abs().max().item()
-            print(f"{kind} TP={tp} PP={pp} rank {rank}: max |logits - HF| = {diff:.2e}")
-            assert diff <= 1e-4, f"{kind} TP={tp} PP={pp}: max |logits - HF| = {diff}"
+            name = f"{kind}{' tied' if tied else ''} TP={tp} PP={pp}"
+            print(f"{name}: max |logits - HF| = {diff:.2e}")
+            assert diff <= 1e-4, f"{name}: max |logits - HF| = {diff}"
     finally:
         destroy_distributed()
 

@@ -1,36 +1,67 @@
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from megatron_mgrpo.models.hf_config import model_spec_from_hf, padded_vocab
+from megatron_mgrpo.models.hf_config import gpt_model_kwargs, model_spec_from_hf, padded_vocab
 from megatron_mgrpo.models.weight_map import hf_to_megatron, megatron_to_hf
 
+# initializer_range 0.1 (HF default 0.02) sharpens attention, so a mapping error in q / k or RoPE moves
+# the logits by far more than the 1e-4 the integration tests allow (Llama-3 scaling left out: 1e-2)
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 1e6}
 
 
 def tiny(kind: str, tied: bool = False):
+    """A small random HF model; "llama3" is Llama with Llama-3 RoPE scaling (base 1e6: at 16
+    channels a third of the frequencies are rescaled, which moves logits within ~50 tokens)."""
     torch.manual_seed(0)
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=tied))
+    if kind == "llama3":
+        config = LlamaConfig(**{**COMMON, "max_position_embeddings": 16384}, rope_scaling=LLAMA3_ROPE,
+                             tie_word_embeddings=tied)
+        return LlamaForCausalLM(config)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=tied))
     return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=tied))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)])
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_round_trip_is_bit_exact(kind, tp, pp):
-    model = tiny(kind)
+@pytest.mark.parametrize("fused_norms", [False, True])
+def test_round_trip_is_bit_exact(kind, tied, tp, pp, fused_norms):
+    model = tiny(kind, tied=tied)
     hf = model.state_dict()
     spec = model_spec_from_hf(model.config, tp=tp)
     restored = {}
     for pp_rank in range(pp):
-        shards = [hf_to_megatron(hf, spec, tp_rank=r, tp_size=tp, pp_rank=pp_rank, pp_size=pp) for r in range(tp)]
+        shards = [hf_to_megatron(hf, spec, tp_rank=r, tp_size=tp, pp_rank=pp_rank, pp_size=pp,
+                                 fused_norms=fused_norms) for r in range(tp)]
+        assert all(shard.keys() == shards[0].keys() for shard in shards)
         restored.update(megatron_to_hf(shards, spec, pp_rank=pp_rank, pp_size=pp))
+    if tied:  # HF lists the tied head under both names; export names it once, as the embedding
+        hf.pop("lm_head.weight")
     assert restored.keys() == hf.keys()
     for name, tensor in hf.items():
         assert torch.equal(restored[name], tensor), name
+
+
+def test_stages_split_the_layers_and_the_edges():
+    model = tiny("llama")
+    spec = model_spec_from_hf(model.config)
+    first, last = (hf_to_megatron(model.state_dict(), spec, pp_rank=r, pp_size=2) for r in range(2))
+    assert "embedding.word_embeddings.weight" in first and "output_layer.weight" not in first
+    assert "output_layer.weight" in last and "embedding.word_embeddings.weight" not in last
+    # local layer 0 of the last stage is global layer 2
+    assert torch.equal(last["decoder.layers.0.mlp.linear_fc2.weight"],
+                       model.state_dict()["model.layers.2.mlp.down_proj.weight"])
+    assert not any(name.startswith("decoder.layers.2.") for name in first.keys() | last.keys())
 
 
 def test_shards_split_groups_and_pad_the_vocabulary():
@@ -47,14 +78,56 @@ def test_shards_split_groups_and_pad_the_vocabulary():
     assert torch.equal(full["decoder.layers.0.self_attention.linear_qkv.weight"][32:48], k_head)
 
 
-def test_tied_embeddings_and_unsupported_configs():
+def test_tied_embeddings_live_on_the_first_stage_and_are_copied_to_the_last():
     model = tiny("llama", tied=True)
     spec = model_spec_from_hf(model.config)
     assert spec.tied_embeddings and "output_layer.weight" not in hf_to_megatron(model.state_dict(), spec)
-    config = Qwen3Config(**COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
+    last = hf_to_megatron(model.state_dict(), spec, pp_rank=1, pp_size=2)
+    assert torch.equal(last["output_layer.weight"][:101], model.state_dict()["model.embed_tokens.weight"])
+
+
+def test_config_json_dicts_get_their_architecture_defaults():
+    model = tiny("qwen2")
+    from_dict = model_spec_from_hf({"model_type": "qwen2", **COMMON})
+    assert from_dict == model_spec_from_hf(model.config)
+    assert from_dict.qkv_bias and not from_dict.tied_embeddings and from_dict.rope_scaling_factor is None
+
+
+@pytest.mark.parametrize("config, message", [
+    (Qwen3Config(**COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+     "rope_type='yarn'"),
+    (LlamaConfig(**{**COMMON, "max_position_embeddings": 16384},
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+     "rope_parameters.low_freq_factor=2.0"),
+    (Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=64, max_window_layers=0), "sliding-window"),
+    (LlamaConfig(**COMMON, attention_bias=True), "attention_bias=True"),
+    (LlamaConfig(**COMMON, mlp_bias=True), "mlp_bias=True"),
+    (LlamaConfig(**COMMON, hidden_act="gelu"), "hidden_act='gelu'"),
+    ({"model_type": "gpt2"}, "model_type='gpt2'"),
+])
+def test_unsupported_configs_fail_before_building(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         model_spec_from_hf(config)
-    with pytest.raises(ValueError, match="model_type='gpt2'"):
-        model_spec_from_hf({"model_type": "gpt2"})
+
+
+def test_tp_must_divide_the_query_groups():
     with pytest.raises(ValueError, match="parallel.tp=4 must divide num_key_value_heads=2"):
         model_spec_from_hf(tiny("qwen2").config, tp=4)
+
+
+@pytest.mark.slow  # imports megatron-core
+def test_llama3_rope_scaling_gives_hf_frequencies():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = tiny("llama3").config
+    spec = model_spec_from_hf(config)
+    kwargs = gpt_model_kwargs(spec)
+    megatron = RotaryEmbedding(kv_channels=spec.head_dim, rotary_percent=1.0, rotary_base=kwargs["rotary_base"],
+                               rope_scaling=kwargs["rope_scaling"], rope_scaling_factor=kwargs["rope_scaling_factor"],
+                               use_cpu_initialization=True)
+    hf_inv_freq, scale = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / 1e6 ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
+    assert scale == 1.0 and not torch.allclose(hf_inv_freq, plain)  # the scaling matters at this size
+    torch.testing.assert_close(megatron.inv_freq, hf_inv_freq.float(), rtol=1e-6, atol=0)

@@ -1,16 +1,11 @@
 import dataclasses
 import inspect
+from collections.abc import Mapping
 
 import pytest
 
-from megatron_mgrpo.reward import AnswerGrader, PromptGroup, make_label_source, pseudo_label_accuracy
+from megatron_mgrpo.reward import PromptGroup, make_label_source, pseudo_label_accuracy
 from megatron_mgrpo.reward.labels import SOURCES
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with AnswerGrader(num_workers=1, timeout_s=20.0) as g:
-        yield g
 
 
 def test_mgrpo_votes_with_momentum_but_rewards_only_the_policy(grader):
@@ -44,26 +39,69 @@ def test_below_threshold_means_no_gradient(grader):
     assert not result.trained and result.label is None and result.rewards == [0.0] * 4
 
 
-def test_gold_cannot_reach_label_free_rewards(grader):
-    # 1. the only input of a label source has no place for gold
+class PoisonedGold(Mapping):
+    """Gold answers that fail the test the moment anything reads them."""
+
+    def __getitem__(self, prompt_id):
+        raise AssertionError(f"gold answer of {prompt_id!r} was read")
+
+    def __iter__(self):
+        raise AssertionError("gold answers were iterated")
+
+    def __len__(self):
+        raise AssertionError("gold answers were counted")
+
+
+GROUPS = [PromptGroup("p", ["1", "1", "2", None], ["1", "2"], self_certainty=[0.1, 0.2, 0.3, 0.4]),
+          PromptGroup("q", ["7", "8", "8", "7.0"], ["7", "7"], self_certainty=[0.5, 0.6, 0.7, 0.8])]
+LABEL_FREE = sorted(set(SOURCES) - {"gt"})
+
+
+@pytest.mark.parametrize("name", LABEL_FREE)
+def test_label_free_sources_refuse_gold_without_reading_it(grader, name):
+    with pytest.raises(ValueError, match=f"reward.label_source={name} is label-free and must never receive gold"):
+        make_label_source(name, grader, gold=PoisonedGold())
+
+
+def test_the_poison_works_on_the_source_that_reads_gold(grader):
+    with pytest.raises(AssertionError, match="gold answer of 'p' was read"):
+        make_label_source("gt", grader, gold=PoisonedGold()).label(GROUPS)
+
+
+@pytest.mark.parametrize("name", LABEL_FREE)
+def test_gold_cannot_reach_label_free_rewards(grader, name):
+    # the only input of a label source has no place for gold, and nothing else can smuggle it in
     assert {f.name for f in dataclasses.fields(PromptGroup)} == {"prompt_id", "policy_answers", "momentum_answers",
                                                                  "self_certainty"}
-    # 2. label-free sources refuse gold at construction
-    for name in set(SOURCES) - {"gt"}:
-        with pytest.raises(ValueError, match="must never receive gold"):
-            make_label_source(name, grader, gold={"p": "1"})
-    # 3. nothing else can smuggle it in: every label-free source labels from groups alone
-    for name in set(SOURCES) - {"gt"}:
-        source = make_label_source(name, grader, ttrl_train_samples=2)
-        assert list(inspect.signature(source.label).parameters) == ["groups"]
-        assert not any("gold" in attr for attr in vars(source))
-    # 4. the monitoring metric is where gold goes, and it reflects the truth
-    groups = [PromptGroup("p", ["1", "1", "2"], ["1"]), PromptGroup("q", ["7", "7", "8"], ["7"])]
-    results = make_label_source("mgrpo", grader).label(groups)
-    assert pseudo_label_accuracy(results, ["p", "q"], {"p": "1.0", "q": "8"}, grader) == 0.5
-    assert [r.rewards for r in results] == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    source = make_label_source(name, grader, ttrl_train_samples=3)
+    assert list(inspect.signature(source.label).parameters) == ["groups"]
+    before = source.label(GROUPS)
+    # gold flows through the shared grader for monitoring, right and wrong: rewards do not move
+    right, wrong = {"p": "1", "q": "7"}, {"p": "2", "q": "8"}
+    if name != "intuitor":
+        assert pseudo_label_accuracy(before, ["p", "q"], right, grader) == 1.0
+        assert pseudo_label_accuracy(before, ["p", "q"], wrong, grader) == 0.0
+    after = source.label(GROUPS)
+    assert [(r.label, r.share, r.rewards, r.trained) for r in after] == \
+        [(r.label, r.share, r.rewards, r.trained) for r in before]
+    if name != "intuitor":  # the pseudo-labels, not gold, decided the rewards
+        wrong_gold_rewards = make_label_source("gt", grader, gold=wrong).label(GROUPS)
+        assert [r.rewards for r in after] != [r.rewards[:len(a.rewards)] for r, a in zip(wrong_gold_rewards, after)]
+
+
+def test_monitoring_counts_only_labelled_prompts(grader):
+    results = make_label_source("srt", grader, threshold=0.9).label(GROUPS)
+    assert all(r.label is None for r in results)
+    assert pseudo_label_accuracy(results, ["p", "q"], {"p": "1", "q": "7"}, grader) is None
 
 
 def test_unknown_source(grader):
     with pytest.raises(ValueError, match="reward.label_source='vote'"):
         make_label_source("vote", grader)
+    with pytest.raises(ValueError, match="reward.label_source=gt needs gold answers"):
+        make_label_source("gt", grader)
+
+
+def test_intuitor_needs_one_score_per_response(grader):
+    with pytest.raises(ValueError, match="prompt 'p': reward.label_source=intuitor needs one self-certainty"):
+        make_label_source("intuitor", grader).label([PromptGroup("p", ["1", "2"], self_certainty=[0.5])])
