@@ -4,6 +4,7 @@ and loading Hugging Face weights into the shard this process holds."""
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -16,22 +17,32 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, pre_process: bool = True,
-                    post_process: bool = True, params_dtype: torch.dtype = torch.float32):
-    """One pipeline stage of the model (all of it when pp == 1), for the current parallel state."""
+def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, pre_process: bool = True,
+                    post_process: bool = True, params_dtype: torch.dtype = torch.float32,
+                    routing_replay: bool = False, fp8: dict[str, Any] | None = None):
+    """One pipeline stage of the model (all of it when pp == 1), for the current parallel state.
+
+    MoE models get megatron's MoE layer with one module per local expert (no grouped GEMM, so
+    the expert names are the same with and without Transformer Engine); `routing_replay` and
+    `fp8` are passed on to `transformer_config`.
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs
 
-    config = transformer_config(spec, tp=tp, pp=pp, params_dtype=params_dtype)
+    config = transformer_config(spec, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype,
+                                routing_replay=routing_replay, fp8=fp8)
+    experts = dict(num_experts=spec.num_experts, moe_grouped_gemm=False) if spec.num_experts else {}
     if transformer_engine_available():
-        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm,
+                                                                                **experts)
     else:
-        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm",
+                                                              **experts)
     return GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process, **gpt_model_kwargs(spec))
 
 
 def load_hf_weights(model: torch.nn.Module, hf: dict[str, torch.Tensor], spec: ModelSpec) -> None:
-    """Copy full HF tensors into this rank's shard of `model` (TP / PP rank from megatron's state).
+    """Copy full HF tensors into this rank's shard of `model` (TP / PP / EP rank from megatron's state).
 
     The load is strict: a name that the map produces but the model lacks, or a model weight the
     map does not produce, is an error listing them, because a partially loaded model still runs.
@@ -43,7 +54,9 @@ def load_hf_weights(model: torch.nn.Module, hf: dict[str, torch.Tensor], spec: M
     shard = hf_to_megatron(hf, spec, tp_rank=ps.get_tensor_model_parallel_rank(),
                            tp_size=ps.get_tensor_model_parallel_world_size(),
                            pp_rank=ps.get_pipeline_model_parallel_rank(),
-                           pp_size=ps.get_pipeline_model_parallel_world_size(), fused_norms=fused_norms)
+                           pp_size=ps.get_pipeline_model_parallel_world_size(),
+                           ep_rank=ps.get_expert_model_parallel_rank(),
+                           ep_size=ps.get_expert_model_parallel_world_size(), fused_norms=fused_norms)
     missing, unexpected = model.load_state_dict(shard, strict=False)
     missing = [name for name in missing if not name.endswith("_extra_state")]  # TE's FP8 metadata
     if missing or unexpected:

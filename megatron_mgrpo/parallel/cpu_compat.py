@@ -11,11 +11,17 @@ Patches (megatron-core 0.16.1), each listed with what fails without it:
 - `torch.cuda.current_device` -> the CPU device, process-wide (see `_allocate_on_cpu`).
 - `megatron.core.transformer.utils.get_default_causal_mask` (and its alias in
   `megatron.core.fusions.fused_softmax`) -> the same mask built on the CPU.
-- `megatron.core.pipeline_parallel.schedules.torch` and `.p2p_communication.torch` -> a view of
-  torch whose tensor factories map `device="cuda"` to the CPU and whose `cuda.synchronize` is a no-op.
+- `megatron.core.pipeline_parallel.schedules.torch` and `.p2p_communication.torch` (and the other
+  `CUDA_LITERAL_MODULES`: optimizer, grad clipping, checkpoint writer) -> a view of torch whose
+  tensor factories map `device="cuda"` to the CPU and whose `cuda.synchronize` is a no-op.
 - `LanguageModule.setup_embeddings_and_output_layer` -> the same, with `Tensor.cuda` the identity
-  while it runs.
+  while it runs; likewise `DistributedOptimizer.get_parameter_state_dp_zero`
+  (the optimizer-state gather of a reshardable checkpoint save).
+- `DistributedOptimizer._set_main_param_and_optimizer_states` -> the same, given torch Adam's
+  `step` back (see `_load_optimizer_state_with_torch_adam_step`).
 - `megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER` -> a tracker of CPU generator states.
+- `megatron.core.transformer.moe.moe_utils.te_general_gemm` -> None when Transformer Engine is
+  absent, so the MoE router takes its torch matmul path (see `_route_moe_without_te`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ _applied = False
 CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # token counters and loss accumulators on "cuda"
     "megatron.core.pipeline_parallel.p2p_communication",  # torch.cuda.synchronize after batched send/recv
+    "megatron.core.optimizer.optimizer",  # loss-scale and found-inf flags on "cuda"
+    "megatron.core.optimizer.clip_grads",  # the all-reduced total norm and the zero counter on "cuda"
+    "megatron.core.optimizer.distrib_optimizer",  # torch.cuda.synchronize around the parameter gather
+    "megatron.core.utils",  # the fallback multi-tensor L2 norm (no apex / TE) returns it on "cuda"
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch.cuda.synchronize before a save writes
 )
 
 
@@ -51,7 +62,11 @@ def apply_cpu_compat() -> bool:
     for name in CUDA_LITERAL_MODULES:
         _give_module_a_cpu_torch(importlib.import_module(name))
     _keep_tied_embedding_copy_on_cpu()
+    _gather_optimizer_state_on_cpu()
+    _load_optimizer_state_with_torch_adam_step()
+    _accept_cpu_tensor_types_in_optimizer()
     _install_cpu_rng_tracker()
+    _route_moe_without_te()
     _applied = True
     log.info("megatron-core adapted for CPU (no CUDA device): %s", ", ".join(CUDA_LITERAL_MODULES))
     return True
@@ -107,23 +122,101 @@ def _give_module_a_cpu_torch(module: types.ModuleType) -> None:
     module.torch = view
 
 
+def _tensor_cuda_is_identity(method):
+    """`method` with `Tensor.cuda` returning the tensor itself while it runs (a no-op move)."""
+    @functools.wraps(method)
+    def on_cpu(*args, **kwargs):
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = to_cuda
+
+    return on_cpu
+
+
 def _keep_tied_embedding_copy_on_cpu() -> None:
     """Without it: a model with tied embeddings and several pipeline stages fails to build, because
     the last stage's copy of the embedding is moved with `.cuda()` before its initial all-reduce."""
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
-    setup = LanguageModule.setup_embeddings_and_output_layer
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer)
 
-    @functools.wraps(setup)
-    def setup_on_cpu(self) -> None:
-        to_cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
-        try:
-            setup(self)
-        finally:
-            torch.Tensor.cuda = to_cuda
 
-    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+def _gather_optimizer_state_on_cpu() -> None:
+    """Without it: saving the distributed optimizer in its reshardable format fails, because the
+    gather of the optimizer state onto data-parallel rank 0 moves each buffer with `.cuda()`."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.get_parameter_state_dp_zero = _tensor_cuda_is_identity(
+        DistributedOptimizer.get_parameter_state_dp_zero)
+
+
+def _load_optimizer_state_with_torch_adam_step() -> None:
+    """Without it: loading a distributed optimizer checkpoint fails with KeyError 'step'.
+
+    Without apex / TE (always so on CPU) the inner optimizer is torch's Adam, whose per-parameter
+    state holds a `step` tensor. megatron restores that step from the param groups and leaves it out
+    of the tensors it copies back per parameter, then copies every state entry, step included;
+    handing the step back as its own source makes that copy a no-op.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(set_states)
+    def set_states_keeping_step(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
+@contextlib.contextmanager
+def _cpu_tensors_typed_as_cuda():
+    """While active, `tensor.type()` names a CPU tensor as its CUDA twin (torch.FloatTensor ->
+    torch.cuda.FloatTensor); with arguments, `type` converts as usual."""
+    original = torch.Tensor.type
+
+    def cuda_name(tensor, *args, **kwargs):
+        name = original(tensor, *args, **kwargs)
+        if args or kwargs or tensor.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _accept_cpu_tensor_types_in_optimizer() -> None:
+    """Without it: the distributed optimizer refuses every parameter ("Wrapped parameters must be
+    one of torch.cuda.FloatTensor, ...") and grad clipping asserts `grad.type() ==
+    'torch.cuda.FloatTensor'`: both decide by the type name, which says cuda only for CUDA tensors.
+
+    The name is remapped only while those two functions run, so nothing else sees it.
+    """
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    def typed_as_cuda(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            with _cpu_tensors_typed_as_cuda():
+                return function(*args, **kwargs)
+        return run
+
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    optimizer_class.__init__ = typed_as_cuda(optimizer_class.__init__)
+    clip_grads.clip_grad_by_total_norm_fp32 = typed_as_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32  # its imported alias
 
 
 def _install_cpu_rng_tracker() -> None:
@@ -157,3 +250,16 @@ def _install_cpu_rng_tracker() -> None:
 
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _route_moe_without_te() -> None:
+    """Without it: every MoE forward raises NameError: name 'te_general_gemm' is not defined.
+
+    The router's gating matmul tests `te_general_gemm is not None`, but that name is only bound
+    when Transformer Engine imports; defining it as None selects the plain torch matmul that
+    megatron already has for this case. A bound name (TE present) is left alone.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -37,22 +37,23 @@ def full_logits(model, ids, positions, pp: int) -> torch.Tensor | None:
     return torch.cat(shards, dim=-1)
 
 
-def check_logits(rank: int, world: int, tp: int, pp: int, port: int) -> None:
+def check_logits(rank: int, world: int, tp: int, pp: int, port: int, ep: int = 1, models=MODELS) -> None:
     from megatron.core import parallel_state
 
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
 
-    init_distributed(tp=tp, pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    init_distributed(tp=tp, pp=pp, ep=ep, launch=Launch(rank, world, rank, "127.0.0.1", port))
     try:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         ids = torch.randint(0, 101, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
         positions = torch.arange(SEQ_LEN)[None].expand(2, SEQ_LEN)
-        for kind, tied in MODELS:
+        for kind, tied in models:
             hf_model = tiny(kind, tied=tied).eval()
             spec = model_spec_from_hf(hf_model.config, tp=tp)
-            model = build_gpt_model(spec, tp=tp, pp=pp, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+            model = build_gpt_model(spec, tp=tp, pp=pp, ep=ep, pre_process=pp_rank == 0,
+                                    post_process=pp_rank == pp - 1)
             load_hf_weights(model.eval(), hf_model.state_dict(), spec)
             logits = full_logits(model, ids, positions, pp)
             if logits is None:
@@ -60,7 +61,7 @@ def check_logits(rank: int, world: int, tp: int, pp: int, port: int) -> None:
             assert logits.shape[-1] == spec.padded_vocab_size
             with torch.no_grad():
                 diff = (logits[..., :spec.vocab_size] - hf_model(input_ids=ids).logits).abs().max().item()
-            name = f"{kind}{' tied' if tied else ''} TP={tp} PP={pp}"
+            name = f"{kind}{' tied' if tied else ''} TP={tp} PP={pp} EP={ep}"
             print(f"{name}: max |logits - HF| = {diff:.2e}")
             assert diff <= 1e-4, f"{name}: max |logits - HF| = {diff}"
     finally:

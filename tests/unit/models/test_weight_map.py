@@ -2,7 +2,8 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from megatron_mgrpo.models.hf_config import gpt_model_kwargs, model_spec_from_hf, padded_vocab
 from megatron_mgrpo.models.weight_map import hf_to_megatron, megatron_to_hf
@@ -17,10 +18,21 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "h
                "original_max_position_embeddings": 8192, "rope_theta": 1e6}
 
 
+#: 2 MoE layers of 4 experts, top-2; expert intermediate 32 (Qwen3-MoE) / 96 (Mixtral, from COMMON)
+MOE = dict(COMMON, num_hidden_layers=2, num_experts_per_tok=2)
+
+
 def tiny(kind: str, tied: bool = False):
     """A small random HF model; "llama3" is Llama with Llama-3 RoPE scaling (base 1e6: at 16
-    channels a third of the frequencies are rescaled, which moves logits within ~50 tokens)."""
+    channels a third of the frequencies are rescaled, which moves logits within ~50 tokens);
+    "qwen3_moe" renormalises the top-k router probabilities as released Qwen3-MoE models do,
+    "qwen3_moe_unnormed" does not (norm_topk_prob=False)."""
     torch.manual_seed(0)
+    if kind.startswith("qwen3_moe"):
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE, head_dim=16, num_experts=4, moe_intermediate_size=32,
+                                                  norm_topk_prob=kind == "qwen3_moe", tie_word_embeddings=tied))
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**MOE, num_local_experts=4, tie_word_embeddings=tied))
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=tied))
     if kind == "llama3":

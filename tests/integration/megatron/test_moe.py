@@ -1,0 +1,148 @@
+"""MoE (Qwen3-MoE, Mixtral) on megatron-core with real gloo processes: logits vs HF under TP, PP
+and EP, routing replay, and the HF weight export with every expert."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from megatron_mgrpo.rollout.server import free_port
+from tests.integration.megatron.test_logits_vs_hf import check_logits
+from tests.unit.models.test_weight_map import tiny
+
+MOE_MODELS = (("qwen3_moe", False), ("qwen3_moe_unnormed", False), ("mixtral", False))
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (tp, pp, ep)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, pp, ep", LAYOUTS)
+def test_moe_logits_match_hf(tp, pp, ep):
+    world = tp * pp * ep
+    mp.start_processes(check_logits, args=(world, tp, pp, free_port(), ep, MOE_MODELS), nprocs=world,
+                       start_method="spawn")
+
+
+def _routing_by_layer(model) -> tuple[dict, list]:
+    """Forward hooks that keep each router's routing map ([tokens, experts] booleans) per layer."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    maps = {}
+
+    def keep(router, inputs, output):
+        maps[router.layer_number - 1] = output[1].clone()
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, TopKRouter)]
+    return maps, hooks
+
+
+def _chosen(routing_map: torch.Tensor) -> torch.Tensor:
+    """The sorted expert ids per token of a routing map."""
+    return torch.stack([row.nonzero().flatten() for row in routing_map])
+
+
+def check_routing_replay(rank: int, world: int, port: int) -> None:
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.train.routing_replay import RoutingReplay
+
+    init_distributed(launch=Launch(rank, world, rank, "127.0.0.1", port))
+    try:
+        hf_model = tiny("qwen3_moe")
+        spec = model_spec_from_hf(hf_model.config)
+        model = build_gpt_model(spec, routing_replay=True)
+        load_hf_weights(model, hf_model.state_dict(), spec)
+        replay = RoutingReplay(model)
+        assert sorted(replay.layers) == [0, 1]
+        ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(24)[None].expand(2, 24)
+        maps, hooks = _routing_by_layer(model)
+
+        def forward_backward():
+            model.zero_grad()
+            logits = model(ids, positions, attention_mask=None)
+            logits.float().square().mean().backward()
+            router_grad = model.decoder.layers[0].mlp.router.weight.grad.clone()
+            return logits.detach(), {k: _chosen(v) for k, v in maps.items()}, router_grad
+
+        replay.record()
+        recorded_logits, recorded_choice, recorded_grad = forward_backward()
+        routed = replay.recorded()
+        replay.clear()
+        assert routed[0].shape == (2 * 24, 2) and routed[0].dtype == torch.int64
+        for layer, choice in recorded_choice.items():
+            assert torch.equal(choice, routed[layer].sort(dim=1).values)
+
+        with replay.replaying([routed[0], routed[1]]):  # the same router: replay changes nothing
+            logits, choice, grad = forward_backward()
+        assert torch.equal(logits, recorded_logits) and torch.equal(grad, recorded_grad)
+
+        with torch.no_grad():  # another router: other experts, unless replayed
+            for layer in model.decoder.layers:
+                layer.mlp.router.weight.normal_(generator=torch.Generator().manual_seed(7))
+        free_logits, free_choice, _ = forward_backward()
+        assert not torch.equal(free_choice[0], recorded_choice[0])
+        assert (free_logits - recorded_logits).abs().max() > 1e-2
+        with replay.replaying(routed):
+            replayed_logits, replayed_choice, replayed_grad = forward_backward()
+        for layer in routed:
+            assert torch.equal(replayed_choice[layer], recorded_choice[layer])
+        assert replayed_grad.abs().sum() > 0  # the router still learns through its probabilities
+        assert not torch.equal(replayed_logits, free_logits)
+        # cleared: the next forward routes freely again
+        _, after_choice, _ = forward_backward()
+        assert torch.equal(after_choice[0], free_choice[0])
+        for hook in hooks:
+            hook.remove()
+        replay.release()
+        with pytest.raises(ValueError, match=r"routed experts for layers \[1\] are missing"):
+            replay.replay([routed[0]])
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_routing_replay_imposes_recorded_experts():
+    mp.start_processes(check_routing_replay, args=(1, free_port()), nprocs=1, start_method="spawn")
+
+
+def check_export(rank: int, world: int, tp: int, pp: int, ep: int, port: int) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
+    from megatron_mgrpo.models.weight_map import checkpoint_layout
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.sync.export import export_hf_weights
+
+    init_distributed(tp=tp, pp=pp, ep=ep, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    try:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        for kind in ("qwen3_moe", "mixtral"):
+            reference = tiny(kind)
+            spec = model_spec_from_hf(reference.config, tp=tp)
+            model = build_gpt_model(spec, tp=tp, pp=pp, ep=ep, pre_process=pp_rank == 0,
+                                    post_process=pp_rank == pp - 1)
+            load_hf_weights(model, reference.state_dict(), spec)
+            exported = dict(export_hf_weights(model.state_dict(), spec, collect_stages=True))
+            counts = [None] * world
+            dist.all_gather_object(counts, len(exported))
+            expected = checkpoint_layout(reference.state_dict(), spec)
+            assert counts == [len(expected)] + [0] * (world - 1), counts  # rank 0 alone yields, everything
+            if rank == 0:
+                assert exported.keys() == expected.keys()
+                for name, tensor in expected.items():
+                    assert torch.equal(exported[name], tensor), name
+                assert sum(".experts." in name for name in exported) == spec.num_layers * spec.num_experts * 3
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, pp, ep", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)])
+def test_moe_export_is_exact_with_every_expert(tp, pp, ep):
+    world = tp * pp * ep
+    mp.start_processes(check_export, args=(world, tp, pp, ep, free_port()), nprocs=world, start_method="spawn")
