@@ -38,6 +38,16 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean")
     return per_sequence.sum() / (tokens > 0).sum().clamp(min=1)
 
 
+def aggregation_units(mask: torch.Tensor, agg: str = "token-mean") -> int:
+    """How many units `aggregate` averages over: response tokens for token-mean, sequences with
+    tokens otherwise. A loss summed over micro-batches as mean x units and divided by the total
+    units equals `aggregate` over the whole batch, however it was split."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(AGGREGATIONS)}")
+    valid = mask.bool()
+    return int(valid.sum()) if agg == "token-mean" else int(valid.any(-1).sum())
+
+
 def _check_settings(clip_low: float, clip_high: float, tis_cap: float, tis_mode: str) -> None:
     if not 0 <= clip_low < 1:
         raise ValueError(f"algo.clip_low={clip_low} must be in [0, 1): the ratio is clipped at 1 - clip_low")

@@ -1,0 +1,205 @@
+"""The Megatron policy: scoring and training sequences through megatron-core's schedules.
+
+One object per rank holds its pipeline stage of the GPTModel (in Megatron DDP), the distributed
+optimizer and LR schedule, and the shadow weights (momentum EMA, frozen initial reference).
+Everything goes through `get_forward_backward_func()`, so the same code runs one process on a
+laptop and TP x PP x DP on a cluster:
+
+- `score` runs a forward-only pass and returns per-token log-probs and entropies of the
+  response tokens of every sequence, on every rank (the IQR filter, the KL anchor and the
+  train/rollout mismatch all need them before the loss is built);
+- `train_step` runs forward-backward over micro-batches with an objective from `algo/`, then one
+  optimizer step, and returns the loss and optimizer metrics on every rank.
+
+Sequences are split over data-parallel ranks; results are exchanged as small per-token lists,
+never as logits (the vocabulary stays split over TP ranks throughout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_mgrpo.config import Config
+from megatron_mgrpo.models.hf_config import ModelSpec
+from megatron_mgrpo.sync.export import export_hf_weights
+from megatron_mgrpo.train.batching import MicroBatch, TrainSequences, data_parallel_share, micro_batches
+from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy
+from megatron_mgrpo.train.momentum import ShadowWeights
+from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
+
+#: objective(micro_batch, logp [b, S-1]) -> (loss averaged over its units, number of units, stats)
+Objective = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, int, dict[str, float]]]
+
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def params_dtype(name: str) -> torch.dtype:
+    """model.dtype -> torch dtype; auto is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return PARAMS_DTYPES[name]
+
+
+@dataclass
+class Scores:
+    """Per sequence, over its response tokens: log-probs and entropies (lists of 1-d tensors)."""
+
+    logprobs: list[torch.Tensor]
+    entropy: list[torch.Tensor]
+
+
+class MegatronPolicy:
+    """This rank's share of the policy model, its optimizer and its shadow weights."""
+
+    def __init__(self, spec: ModelSpec, hf_state: dict[str, torch.Tensor], cfg: Config, *,
+                 momentum: bool = True, reference: bool = False, pad_id: int = 0):
+        from megatron.core import parallel_state as ps
+
+        from megatron_mgrpo.models.hf_config import fp8_settings
+        from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
+
+        self.spec, self.cfg, self.pad_id = spec, cfg, pad_id
+        self.dtype = params_dtype(cfg.model.dtype)
+        model = cfg.model
+        module = build_gpt_model(spec, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                                 params_dtype=self.dtype, fp8=fp8_settings(model.fp8, model.fp8_recipe, model.fp8_params),
+                                 pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        load_hf_weights(module, hf_state, spec)
+        self.module = module  # unwrapped: its state_dict names are the weight maps' names
+        self.model = wrap_ddp(module)
+        self.optimizer, self.scheduler = build_optimizer([self.model], cfg.train, self.dtype)
+        self.momentum = ShadowWeights(module) if momentum else None
+        self.reference = ShadowWeights(module) if reference else None
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.steps = 0
+
+    # ---------------------------------------------------------------- forward passes
+
+    def _run(self, batches: list[MicroBatch], loss_func: Callable, forward_only: bool) -> list:
+        """megatron's schedule over `batches`; returns what `loss_func` returned per micro-batch
+        (on the last pipeline stage; an empty list elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch.input_ids, batch.position_ids, attention_mask=None)
+            return output, partial(loss_func, batch)
+
+        if not batches:  # this data-parallel rank has nothing to do; it still joins the gradient reduction
+            return []
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+            num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],
+            micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only,
+            collect_non_loss_data=forward_only)
+
+    def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, temperature: float):
+        return vocab_parallel_logprobs_and_entropy(logits[:, :-1], batch.targets, self.spec.vocab_size, temperature)
+
+    @torch.no_grad()
+    def score(self, sequences: TrainSequences, temperature: float = 1.0, weights: str = "policy") -> Scores:
+        """Response-token log-probs and entropies of all `sequences` under `weights` (policy,
+        momentum or reference), returned on every rank."""
+        from megatron.core import parallel_state as ps
+
+        def per_sequence(batch: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True):
+            logprobs, entropy = self._logprobs(batch, logits, temperature)
+            mask = batch.response_mask
+            return [(index, logprobs[row][mask[row]], entropy[row][mask[row]])
+                    for row, index in enumerate(batch.indices)]
+
+        share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
+        batches = micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+        self.model.eval()
+        with self._weights(weights):
+            results = [item for out in self._run(batches, per_sequence, forward_only=True) for item in out]
+        self.model.train()
+        mine = {share[index]: (logprobs, entropy) for index, logprobs, entropy in results}
+        everything = _broadcast_from_last_stage(mine)
+        if self.dp_size > 1:
+            parts = [None] * self.dp_size
+            dist.all_gather_object(parts, everything, group=ps.get_data_parallel_group())
+            everything = {k: v for part in parts for k, v in part.items()}
+        ordered = [everything[i] for i in range(len(sequences))]
+        return Scores([lp for lp, _ in ordered], [h for _, h in ordered])
+
+    def _shadow(self, which: str) -> ShadowWeights:
+        shadow = {"momentum": self.momentum, "reference": self.reference}.get(which)
+        if shadow is None:
+            raise ValueError(f"no {which!r} weights on this policy: choose policy, momentum or reference, "
+                             f"and build the policy with that shadow enabled")
+        return shadow
+
+    @contextlib.contextmanager
+    def _weights(self, which: str) -> Iterator[None]:
+        if which == "policy":
+            yield
+            return
+        with self._shadow(which).swapped_in():
+            yield
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self, sequences: TrainSequences, objective: Objective, temperature: float = 1.0) -> dict[str, float]:
+        """Forward-backward of `objective` over all `sequences` (split over DP ranks), then one
+        optimizer step. Returns loss, the objective's stats (unit-weighted), grad_norm and lr."""
+        from megatron.core import parallel_state as ps
+
+        def loss_func(batch: MicroBatch, logits: torch.Tensor):
+            logprobs, _ = self._logprobs(batch, logits, temperature)
+            loss, units, stats = objective(batch, logprobs)
+            units = torch.tensor(units, dtype=torch.int)
+            return loss * units, units, {"loss": loss.detach() * units, "units": units, **{
+                name: torch.as_tensor(value, dtype=torch.float32) * units for name, value in stats.items()}}
+
+        share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
+        batches = micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(batches, loss_func, forward_only=False)
+        if not batches:  # the schedule did not run: join its gradient reductions with zero gradients
+            self.model.config.finalize_model_grads_func([self.model], torch.zeros([], dtype=torch.int))
+        self.scheduler.step(increment=1)  # step k trains with the learning rate of step k (k >= 1)
+        _, grad_norm, _ = self.optimizer.step()
+        self.steps += 1
+        totals = {}
+        for out in outputs:
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        totals = _broadcast_from_last_stage(totals)
+        names = sorted(totals)
+        summed = torch.tensor([totals[name] for name in names], dtype=torch.float64)
+        dist.all_reduce(summed, group=ps.get_data_parallel_group())
+        totals = dict(zip(names, summed.tolist()))
+        units = max(totals.pop("units", 0.0), 1.0)
+        metrics = {name: value / units for name, value in totals.items()}
+        return metrics | {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def update_momentum(self) -> None:
+        """The EMA step after an optimizer step: local shards only, no communication."""
+        if self.momentum is not None:
+            self.momentum.ema_update_(self.cfg.algo.momentum)
+
+    def hf_weights(self, which: str = "policy") -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of the policy or momentum weights, all yielded on global rank 0
+        (every rank must walk the iterator: it gathers over TP, EP and pipeline stages)."""
+        local = self.module.state_dict() if which == "policy" else self._shadow(which).state_dict()
+        return export_hf_weights(local, self.spec, collect_stages=True)
+
+
+def _broadcast_from_last_stage(value):
+    """`value` from the last pipeline stage of this rank's pipeline, on every stage of it."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
