@@ -1,0 +1,340 @@
+"""Distributed checkpoints: megatron-core `dist_checkpointing` under a crash-safe directory layout.
+
+A checkpoint holds the model's sharded state, optionally the optimizer's and the momentum (EMA)
+shards, and common state (step, scheduler, data position: whatever the trainer passes) plus the
+RNG states. Tensors are stored by their global identity (ShardedTensor keys and offsets), so a
+checkpoint saved under one TP / PP layout loads under another: dist_checkpointing reshards.
+
+Layout: `<run>/checkpoints/step_000123/`. Every rank writes into `step_000123.tmp-<pid>` first;
+after a barrier rank 0 writes the completion marker and renames the directory, and only then
+deletes checkpoints beyond the last `keep_last`. A process killed at any point therefore leaves
+either the new complete checkpoint or the temporary directory next to the previous complete one,
+and `latest_checkpoint` never picks a temporary or unmarked directory. A run directory has one
+writing job at a time: a save removes temporary directories that earlier, killed saves left behind.
+
+The momentum copy is a name -> fp32 tensor mapping per model chunk with exactly the parameters'
+shapes; each entry is stored as a ShardedTensor with its parameter's sharding metadata under the
+key `momentum.<parameter key>`, so it reshards exactly like the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE_MARKER = "complete.json"
+#: Non-tensor files (e.g. the HF config and tokenizer) that travel with a checkpoint.
+FILES_DIR = "hf"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TEMP_DIR = re.compile(r"step_\d+\.tmp-\d+")
+MOMENTUM_PREFIX = "momentum."
+#: The distributed optimizer's state stored per parameter in the canonical (unsharded) layout, so
+#: it reshards over TP / PP / DP; megatron-core 0.16.1 rejects its old default (flattened ranges).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored besides the tensors it copied in place."""
+
+    path: Path
+    step: int
+    common: dict[str, Any]  # the `common` mapping given to save_checkpoint
+    rng_restored: bool  # False when the layout changed (per-rank RNG streams do not carry over)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the complete checkpoint of `step` lives."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary and unmarked directories are skipped)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model_chunks, *, optimizer=None, scheduler=None,
+                    momentum: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None = None,
+                    common: Mapping[str, Any] | None = None, keep_last: int | None = 3,
+                    files_from: str | os.PathLike | None = None) -> Path:
+    """Save a checkpoint of `step` on every rank (a collective call) and return its directory.
+
+    `model_chunks`: the model, or its list of virtual-pipeline chunks (DDP-wrapped or not).
+    `optimizer`: a megatron-core optimizer; `scheduler`: anything with `state_dict()` /
+    `load_state_dict()` (megatron's OptimizerParamScheduler). `momentum`: per chunk (or one mapping
+    for one chunk), the parameter name -> tensor mapping of the EMA copy. `common`: picklable state
+    identical on all ranks (data position, run statistics, ...). `keep_last`: complete checkpoints
+    to keep (None keeps all). `files_from`: a directory whose top-level non-weight files (HF config,
+    tokenizer) are copied into the checkpoint's `hf/` folder.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1 (or None to keep every checkpoint)")
+    from megatron.core import dist_checkpointing
+
+    chunks = _unwrapped(model_chunks)
+    state = _model_state(chunks, _as_list(momentum) if momentum is not None else None)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(_only_models(state), metadata=OPTIMIZER_METADATA)
+    state["rng_state"] = _rng_sharded_object()
+    state["common"] = {"format_version": FORMAT_VERSION, "step": step, "layout": _layout(len(chunks)),
+                       "parts": [name for name, part in (("optimizer", optimizer), ("scheduler", scheduler),
+                                                         ("momentum", momentum)) if part is not None],
+                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                       "user": dict(common or {})}
+    started = time.perf_counter()
+    final = checkpoint_dir(run_dir, step)
+    temp = _agree_on_temp_dir(final)
+    dist_checkpointing.save(state, str(temp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if files_from is not None:
+            copy_non_weight_files(files_from, temp / FILES_DIR)
+        (temp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "saved_at": time.time()}))
+        _publish(temp, final)
+        _prune(Path(run_dir), keep_last)
+        log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, scheduler=None,
+                    momentum: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None = None,
+                    load_model: bool = True, restore_rng: bool = True) -> LoadedCheckpoint:
+    """Load a complete checkpoint into `model_chunks` (and `optimizer`, `momentum`) in place.
+
+    Works under any TP / PP layout whose model has the same global tensors. `momentum` tensors
+    are filled in place; `load_model=False` loads only the other parts (e.g. the momentum straight
+    into the model's own parameters for an export). RNG states are restored only when the layout
+    (world size, TP, PP) equals the saved one, since they are per rank.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}); "
+                                f"use latest_checkpoint(run_dir) to find the newest complete one")
+    saved = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("momentum", momentum)):
+        if part is not None and name not in saved["parts"]:
+            raise ValueError(f"{path} was saved without the {name}: load it without `{name}=`")
+    chunks = _unwrapped(model_chunks)
+    state = _model_state(chunks, _as_list(momentum) if momentum is not None else None)
+    if optimizer is not None:
+        _materialise_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(_only_models(state), is_loading=True,
+                                                          metadata=OPTIMIZER_METADATA)
+    if not load_model:
+        state = {key: value for key, value in state.items() if not key.startswith("model")}
+    same_layout = saved["layout"] == _layout(len(chunks))
+    if restore_rng and same_layout:
+        state["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(state, str(path))
+    if load_model:
+        for index, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
+    if momentum is not None:
+        for index, tensors in enumerate(_as_list(momentum)):
+            _copy_into(tensors, loaded[f"momentum_{_chunk_key(index, len(chunks))}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if "rng_state" in state:
+        _set_rng_state(loaded["rng_state"])
+    return LoadedCheckpoint(path=path, step=saved["step"], common=saved["user"], rng_restored="rng_state" in state)
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh megatron optimizer the state entries that a load fills in.
+
+    Without apex / Transformer Engine, megatron's optimizers wrap torch's Adam, whose per-parameter
+    state (its `step` included) only exists after a first step, and megatron-core 0.16.1's
+    `state_dict()` asserts on it; so a fresh optimizer takes one step with zero gradients at a
+    zero learning rate, which leaves every parameter unchanged (the load replaces the state).
+    """
+    inner_optimizers = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for inner in inner_optimizers:
+        if inner is None or inner.state:
+            continue
+        rates = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, rate in zip(inner.param_groups, rates):
+            group["lr"] = rate
+
+
+def _copy_into(targets: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:
+    """Copy loaded tensors into the caller's (factories such as the fused SwiGLU weight return new
+    tensors on load instead of filling the given ones)."""
+    with torch.no_grad():
+        for name, target in targets.items():
+            if loaded[name] is not target:
+                target.copy_(loaded[name])
+
+
+def copy_non_weight_files(source: str | os.PathLike, target: Path) -> None:
+    """Copy the top-level files of an HF directory except the weights (config, tokenizer, ...)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in Path(source).iterdir():
+        if item.is_file() and not _is_weight_file(item.name):
+            shutil.copy2(item, target / item.name)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json"))
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _unwrapped(model_chunks) -> list:
+    """The models inside DDP / Float16Module wrappers: a wrapper would prefix every key with
+    `module.`, and a checkpoint must not depend on how the model was wrapped."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(_as_list(model_chunks))
+
+
+def _chunk_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def _layout(num_chunks: int) -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "chunks": num_chunks}
+
+
+def _model_state(chunks: list, momentum: list[Mapping[str, torch.Tensor]] | None) -> dict[str, Any]:
+    """The sharded state of every chunk and, if given, of its momentum tensors."""
+    if momentum is not None and len(momentum) != len(chunks):
+        raise ValueError(f"momentum has {len(momentum)} mappings for {len(chunks)} model chunks: give one per chunk")
+    state = {}
+    for index, chunk in enumerate(chunks):
+        key = _chunk_key(index, len(chunks))
+        state[key] = chunk.sharded_state_dict()
+        if momentum is not None:
+            state[f"momentum_{key}"] = momentum_sharded_tensors(state[key], momentum[index])
+    return state
+
+
+def _only_models(state: dict[str, Any]) -> dict[str, Any]:
+    """The model part that a megatron optimizer maps its parameters against."""
+    return {key: value for key, value in state.items() if key.startswith("model")}
+
+
+def momentum_sharded_tensors(model_sharded: Mapping[str, Any], momentum: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The momentum copy with each parameter's sharding (ShardedTensor or, for the fused SwiGLU
+    weight, ShardedTensorFactory) under a prefixed key.
+
+    The names must be exactly the model's parameter names that appear in its sharded state dict,
+    with the parameters' shapes: a missing or extra name is an error, since a partial EMA would
+    silently restart from zero.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    params = {name: value for name, value in model_sharded.items()
+              if isinstance(value, (ShardedTensor, ShardedTensorFactory))}
+    missing, unexpected = sorted(params.keys() - momentum.keys()), sorted(momentum.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"momentum tensors do not match the model's parameters: missing {missing}, "
+                         f"not parameters {unexpected}")
+    out = {}
+    for name, sharded in params.items():
+        tensor = momentum[name]
+        shape = sharded.data.shape if isinstance(sharded, ShardedTensorFactory) else sharded.local_shape
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"momentum[{name!r}] has shape {tuple(tensor.shape)}, its parameter {tuple(shape)}")
+        extra = {} if isinstance(sharded, ShardedTensorFactory) else {"dtype": tensor.dtype}
+        out[name] = dataclasses.replace(sharded, key=MOMENTUM_PREFIX + sharded.key, data=tensor, **extra)
+    return out
+
+
+def _rng_sharded_object():
+    """This rank's RNG states (python, numpy, torch, megatron's model-parallel streams, CUDA)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "tracker": get_cuda_rng_tracker().get_states(),
+              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", states, (world,), (rank,), replica_id=0)
+
+
+def _set_rng_state(states: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _agree_on_temp_dir(final: Path) -> Path:
+    """Rank 0 creates `<final>.tmp-<its pid>` and every rank learns the name."""
+    name = [None]
+    if dist.get_rank() == 0:
+        temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        temp.mkdir(parents=True)
+        name = [str(temp)]
+    dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _publish(temp: Path, final: Path) -> None:
+    """Rename the finished temporary directory to its final name (an older save of the same step
+    is moved aside first and deleted after, so a complete checkpoint of the step always exists)."""
+    aside = None
+    if final.exists():
+        aside = final.with_name(f"{final.name}.tmp-{os.getpid()}-replaced")
+        final.rename(aside)
+    temp.rename(final)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _prune(run_dir: Path, keep_last: int | None) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, and leftovers of killed saves."""
+    complete = complete_checkpoints(run_dir)
+    doomed = complete[:-keep_last] if keep_last is not None else []
+    doomed += [p for p in (run_dir / CHECKPOINTS).iterdir() if _TEMP_DIR.match(p.name)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
