@@ -1,0 +1,293 @@
+"""A `RolloutEngine` backed by an SGLang server that it launches and supervises.
+
+Generation: one native `/generate` request per prompt with `input_ids` and `n` in the sampling
+parameters (SGLang fans n out into parallel samples and answers with a list).
+
+Log-probs (read from SGLang 0.5.23's sampler): with `return_logprob`, `output_token_logprobs`
+holds log softmax(logits / temperature) of each sampled token (unless the server runs with
+`SGLANG_RETURN_ORIGINAL_LOGPROB=1`, which drops the temperature: never set it), i.e. before
+top-k / top-p truncation. That equals our `Sample` contract when top-k and top-p are off (the
+M-GRPO recipe). With truncation on, the request also sets `return_sampling_mask` with
+`sampling_logprobs_mode="selected"`, and `output_token_sampling_logprobs` (renormalised over the
+sampled support) is used instead. `logprob_start_len=-1` keeps prompt log-probs out of the reply.
+
+Routing replay (MoE): with `return_routed_experts`, `meta_info["routed_experts"]` is base64 of
+int32 expert ids shaped [tokens, layers, top_k], for every position but the last
+(`routed_experts_start_len=0`: the prompt too, as the trainer's forward needs); it becomes
+`Sample.routed_experts`, one [tokens, top_k] tensor per layer.
+
+Weights (`weight_sync`):
+- "disk": a safetensors file in a directory in shared memory, loaded by `/update_weights_from_disk`.
+- "tensor" (colocated, same GPUs): per bucket, `/update_weights_from_tensor` with the bucket's
+  `(name, tensor)` list pickled by torch's multiprocessing pickler (CUDA IPC handles, no copy),
+  base64 for JSON, once per server TP rank. Before it the server's weights are resumed and after
+  it the KV cache, if `release_memory()` freed them for training.
+- "distributed" (separate GPUs): `/init_weights_update_group` once, then per bucket
+  `/update_weights_from_distributed` names the tensors while a `WeightBroadcaster` sends them.
+Every push also tags the server's `weight_version`. The last pushed weights are kept as a
+safetensors file in shared memory, so a restarted server is restored through the disk path.
+
+Checked on CPU: every payload against SGLang 0.5.23's request types, the HTTP flow (retries,
+restart, re-push) against a fake server, the weight-group protocol with gloo. Still needs a GPU
+with a real server: generation and its reply fields, log-prob parity with the trainer (also with
+top-k / top-p through the sampling mask), the NCCL group join and broadcast update, the CUDA-IPC
+tensor update, release / resume of memory, and routed-expert ids on an MoE model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.types import Sample, SamplingParams
+from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
+from megatron_mgrpo.sync.buckets import DEFAULT_BUCKET_BYTES, bucketize
+
+WEIGHT_SYNC_MODES = ("disk", "tensor", "distributed")
+
+
+def generate_payload(prompt: Sequence[int], n: int, sampling: SamplingParams, *,
+                     routed_experts: bool = False) -> dict[str, Any]:
+    """The `/generate` body for n samples of one token-id prompt."""
+    params = {"n": n, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+              "max_new_tokens": sampling.max_new_tokens, "stop": list(sampling.stop), "no_stop_trim": True,
+              "skip_special_tokens": True}
+    if sampling.seed is not None:
+        params["sampling_seed"] = sampling.seed
+    body = {"input_ids": list(prompt), "sampling_params": params, "return_logprob": True, "logprob_start_len": -1}
+    if _truncates(sampling):
+        body.update(return_sampling_mask=True, sampling_logprobs_mode="selected")
+    if routed_experts:
+        body.update(return_routed_experts=True, routed_experts_start_len=0)
+    return body
+
+
+def _truncates(sampling: SamplingParams) -> bool:
+    return sampling.top_k > 0 or sampling.top_p < 1.0
+
+
+def parse_generate_reply(reply: dict | list, index: int, prompt: list[int], sampling: SamplingParams,
+                         version: int, moe_shape: tuple[int, int] | None = None) -> list[Sample]:
+    """`Sample`s from a `/generate` reply (a dict for one sample, a list for n > 1)."""
+    outputs = reply if isinstance(reply, list) else [reply]
+    return [_sample(out, index, prompt, sampling, version, moe_shape) for out in outputs]
+
+
+def _sample(out: dict, index, prompt, sampling, version, moe_shape) -> Sample:
+    meta = out["meta_info"]
+    response = list(out["output_ids"])
+    if _truncates(sampling):
+        logprobs = [float(lp) for lp in meta["output_token_sampling_logprobs"]]
+    else:
+        logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"]]
+    if len(logprobs) != len(response):
+        raise ServerError(f"SGLang returned {len(logprobs)} log-probs for {len(response)} tokens of prompt {index}; "
+                          f"was the server started with SGLANG_RETURN_ORIGINAL_LOGPROB or a logprob limit?")
+    reason = meta.get("finish_reason") or {}
+    return Sample(prompt_index=index, prompt_ids=prompt, response_ids=response, text=out.get("text", ""),
+                  logprobs=logprobs, finish_reason="length" if reason.get("type") == "length" else "stop",
+                  weights_version=version,
+                  routed_experts=_routed_experts(meta, moe_shape) if moe_shape else None)
+
+
+def _routed_experts(meta: dict, moe_shape: tuple[int, int]) -> list[torch.Tensor]:
+    """Per layer [tokens, top_k] int32 expert ids from SGLang's base64 [tokens, layers, top_k]."""
+    layers, top_k = moe_shape
+    raw = bytearray(base64.b64decode(meta["routed_experts"]))
+    ids = torch.frombuffer(raw, dtype=torch.int32).reshape(-1, layers, top_k)
+    return list(ids.permute(1, 0, 2).contiguous().unbind(0))
+
+
+def tensor_update_payload(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int, version: int,
+                          last: bool) -> dict[str, Any]:
+    """The `/update_weights_from_tensor` body for one bucket.
+
+    SGLang unpickles one entry per TP rank with torch's multiprocessing pickler, which turns CUDA
+    tensors into IPC handles: the GPU memory is shared, not copied, and must stay alive until
+    the request returns. The cache is flushed and the version set with the last bucket only.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump([(name, tensor.detach().contiguous()) for name, tensor in named_tensors])
+    serialized = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {"serialized_named_tensors": [serialized] * tp_size, "flush_cache": last,
+            **({"weight_version": str(version)} if last else {})}
+
+
+def distributed_update_payload(named_tensors: list[tuple[str, torch.Tensor]], group_name: str, version: int,
+                               last: bool) -> dict[str, Any]:
+    """The `/update_weights_from_distributed` body naming one bucket's broadcasts, in order."""
+    return {"names": [name for name, _ in named_tensors],
+            "dtypes": [str(tensor.dtype).removeprefix("torch.") for _, tensor in named_tensors],
+            "shapes": [list(tensor.shape) for _, tensor in named_tensors], "group_name": group_name,
+            "flush_cache": last, **({"weight_version": str(version)} if last else {})}
+
+
+def init_group_payload(broadcaster: WeightBroadcaster, rank_offset: int = 1) -> dict[str, Any]:
+    """The `/init_weights_update_group` body: the server's ranks start at `rank_offset`."""
+    return {"master_address": broadcaster.master_address, "master_port": broadcaster.master_port,
+            "rank_offset": rank_offset, "world_size": broadcaster.world_size,
+            "group_name": broadcaster.group_name, "backend": broadcaster.backend}
+
+
+class SGLangEngine(HTTPServerEngine):
+    """Launches `python -m sglang.launch_server` on one model and samples from it."""
+
+    kind = "sglang"
+
+    def __init__(self, model_path: str | Path, *, python: str = "python3", log_dir: str | Path = "logs",
+                 name: str = "policy", dtype: str = "auto", tp_size: int = 1, weight_sync: str = "disk",
+                 broadcaster: WeightBroadcaster | None = None, routed_experts: bool = False,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, startup_timeout_s: float = 900.0,
+                 request_timeout_s: float = 600.0, max_retries: int = 3, max_concurrency: int = 64):
+        if weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"weight_sync={weight_sync!r} must be one of {WEIGHT_SYNC_MODES}")
+        if (weight_sync == "distributed") != (broadcaster is not None):
+            raise ValueError("weight_sync='distributed' needs a WeightBroadcaster (world_size = 1 + tp_size), "
+                             "and only that mode takes one")
+        if broadcaster is not None and broadcaster.world_size != 1 + tp_size:
+            raise ValueError(f"broadcaster world_size={broadcaster.world_size} must be 1 + tp_size={1 + tp_size}")
+        self.model_path = str(model_path)
+        self.tp_size = tp_size
+        self.weight_sync = weight_sync
+        self.broadcaster = broadcaster
+        self.bucket_bytes = bucket_bytes
+        self.moe_shape = _moe_shape(self.model_path) if routed_experts else None
+        self._released: set[str] = set()
+        self._snapshot_dir: Path | None = None
+        port = free_port()
+        api_key = secrets.token_hex(16)
+        command = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", "127.0.0.1",
+                   "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--tp-size", str(tp_size),
+                   "--skip-server-warmup", *(["--enable-memory-saver"] if weight_sync == "tensor" else []),
+                   *(["--enable-return-routed-experts"] if routed_experts else []), *extra_args]
+        server = ServerProcess(ServerSpec(command=command, port=port, api_key=api_key, env=dict(env or {}),
+                                          log_file=Path(log_dir) / f"sglang-{name}-{port}.log",
+                                          startup_timeout_s=startup_timeout_s))
+        super().__init__(server, name=name, request_timeout_s=request_timeout_s, max_retries=max_retries,
+                         max_concurrency=max_concurrency)
+        self.server.start()
+
+    # ---------------------------------------------------------------------------------- sampling
+
+    async def _generate_one(self, client, index, prompt, n, sampling) -> list[Sample]:
+        body = generate_payload(prompt, n, sampling, routed_experts=self.moe_shape is not None)
+        reply = await self._post_with_recovery(client, "/generate", body)
+        return parse_generate_reply(reply, index, prompt, sampling, self.weights_version, self.moe_shape)
+
+    # ---------------------------------------------------------------------------------- weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        named = list(named_tensors)
+        snapshot = self._write_snapshot(named, version)
+        if self.weight_sync == "disk":
+            self._load_snapshot(snapshot, version)
+        elif self.weight_sync == "tensor":
+            self.resume_memory(["weights"])
+            self._push_buckets(named, version, "/update_weights_from_tensor",
+                               lambda bucket, last: tensor_update_payload(bucket, self.tp_size, version, last))
+            self.resume_memory(["kv_cache"])
+        else:
+            self._push_distributed(named, version)
+        self.weights_version = version
+
+    def _push_buckets(self, named, version, route, payload) -> None:
+        buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
+        for bucket in buckets:
+            self._post(route, payload(list(zip(bucket.names, bucket.tensors)), bucket is buckets[-1]),
+                       what=f"weights version {version} bucket {bucket.index}")
+
+    def _push_distributed(self, named, version) -> None:
+        """Each HTTP request blocks until the server has received, so it runs in a thread while we send."""
+        group = self.broadcaster.group_name
+        with ThreadPoolExecutor(1, thread_name_prefix="sglang-weights") as http:
+            if self.broadcaster.group is None:
+                joined = http.submit(self._post, "/init_weights_update_group", init_group_payload(self.broadcaster),
+                                     what=f"joining weight group {group!r}")
+                self.broadcaster.connect()
+                joined.result()
+            buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
+            for bucket in buckets:
+                body = distributed_update_payload(list(zip(bucket.names, bucket.tensors)), group, version,
+                                                  bucket is buckets[-1])
+                request = http.submit(self._post, "/update_weights_from_distributed", body,
+                                      what=f"weights version {version} bucket {bucket.index}")
+                self.broadcaster.broadcast(bucket.tensors)
+                request.result()
+
+    def _write_snapshot(self, named, version) -> Path:
+        """The pushed weights as an HF safetensors directory: the disk push, and a restart's re-push."""
+        directory = Path(SHARED_MEMORY) / f"mgrpo-sglang-{self.name}-{self.server.spec.port}-v{version}"
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(named, directory / "model.safetensors")
+        if self._snapshot_dir is not None and self._snapshot_dir != directory:
+            _remove_snapshot(self._snapshot_dir)
+        self._snapshot_dir = directory
+        return directory
+
+    def _load_snapshot(self, directory: Path, version: int) -> None:
+        self._post("/update_weights_from_disk", {"model_path": str(directory), "weight_version": str(version),
+                                                 "flush_cache": True},
+                   what=f"loading weights version {version} from {directory}")
+
+    def _repush_weights(self) -> None:
+        self._released.clear()
+        if self.broadcaster is not None:  # the restarted server left the old group: rebuild it on next push
+            self.broadcaster.close()
+        if self._snapshot_dir is not None:
+            self._load_snapshot(self._snapshot_dir, self.weights_version)
+
+    # ---------------------------------------------------------------------------------- memory
+
+    def release_memory(self) -> None:
+        """Free the server's GPU weights and KV cache (colocated mode) while the trainer runs."""
+        self._post("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}, what="releasing GPU memory")
+        self._released = {"weights", "kv_cache"}
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Re-allocate what `release_memory` freed: the weights before a push, the KV cache after it."""
+        pending = [tag for tag in tags if tag in self._released]
+        if pending:
+            self._post("/resume_memory_occupation", {"tags": pending}, what=f"resuming GPU memory {pending}")
+            self._released.difference_update(pending)
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "weight_sync": self.weight_sync, "memory_released": sorted(self._released)}
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.broadcaster is not None:
+            self.broadcaster.close()
+        if self._snapshot_dir is not None:
+            _remove_snapshot(self._snapshot_dir)
+            self._snapshot_dir = None
+
+
+def _moe_shape(model_path: str) -> tuple[int, int]:
+    """(layers, experts per token) from the HF config: the layout of SGLang's routed-expert ids."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config = config.get("text_config", config)
+    if "num_experts_per_tok" not in config:
+        raise ValueError(f"routed_experts=True needs an MoE model, but {model_path}/config.json has no "
+                         f"num_experts_per_tok; drop routed_experts for dense models")
+    return int(config["num_hidden_layers"]), int(config["num_experts_per_tok"])
+
+
+def _remove_snapshot(directory: Path) -> None:
+    for path in directory.iterdir():
+        path.unlink(missing_ok=True)
+    directory.rmdir()

@@ -1,0 +1,63 @@
+"""The weight-update group protocol with gloo: a fake server process joins and receives the tensors."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster, join_weight_group
+
+GROUP = "mgrpo_weights_test"
+
+
+def sent_tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {"model.embed_tokens.weight": torch.randn(7, 5, generator=generator),
+            "model.norm.weight": torch.randn(5, generator=generator).to(torch.bfloat16),
+            "lm_head.bias": torch.arange(3, dtype=torch.int32)}
+
+
+def fake_server_rank(rank, port, world_size, manifest, out_queue):
+    """What a server rank does: join as rank `rank`, then receive the named tensors in order."""
+    import torch.distributed as dist
+
+    group = join_weight_group("127.0.0.1", port, rank, world_size, GROUP, "gloo", timeout_s=60)
+    received = {}
+    for name, dtype, shape in manifest:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        dist.broadcast(tensor, src=0, group=group)
+        received[name] = tensor
+    out_queue.put((rank, received))
+    dist.destroy_process_group(group)
+
+
+def test_server_ranks_receive_exactly_what_rank0_broadcast():
+    tensors = sent_tensors()
+    manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()]
+    port, world_size = free_port(), 3
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    servers = [ctx.Process(target=fake_server_rank, args=(rank, port, world_size, manifest, queue))
+               for rank in (1, 2)]
+    for process in servers:
+        process.start()
+    broadcaster = WeightBroadcaster("127.0.0.1", port, world_size, group_name=GROUP, backend="gloo", device="cpu",
+                                    timeout_s=60)
+    broadcaster.connect()
+    broadcaster.broadcast(tensors.values())
+    results = dict(queue.get(timeout=60) for _ in servers)
+    broadcaster.close()
+    for process in servers:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert sorted(results) == [1, 2]
+    for received in results.values():
+        assert list(received) == list(tensors)
+        for name, tensor in tensors.items():
+            assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor)
+
+
+def test_broadcast_before_connect_is_a_clear_error():
+    broadcaster = WeightBroadcaster("127.0.0.1", free_port(), 2, backend="gloo", device="cpu")
+    with pytest.raises(RuntimeError, match="call connect\\(\\) first"):
+        broadcaster.broadcast([torch.zeros(1)])
