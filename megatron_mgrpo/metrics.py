@@ -1,0 +1,355 @@
+"""The run's metrics: live progress, metrics.jsonl, wandb, phase timing, plots, summary, collapse alarm.
+
+Only the process that owns the run directory (global rank 0) creates a `MetricsSink`; the others
+time their phases with a `PhaseTimer` and send what they measured to rank 0.
+
+Metric names are flat, slash-separated keys. The plots and the collapse alarm read these:
+
+    reward/mean            mean reward of the trained policy responses
+    label/accuracy         pseudo-label accuracy against gold (monitoring only)
+    label/agreement        fraction of prompts where the policy-only and momentum-only votes agree
+    label/share_mean       mean vote share of the winning answer
+    accuracy/true          fraction of policy responses equivalent to gold (monitoring only)
+    accuracy/eval          held-out accuracy, on the steps that evaluate
+    entropy/mean           mean token entropy of the policy responses
+    iqr/drop_rate          fraction of trajectories the IQR filter dropped
+    kl/mean                mean KL estimate to the reference
+    response/length_mean   mean response length in tokens
+    time/<phase>           seconds spent in each phase of the step (PhaseTimer)
+    time/step, perf/tokens_per_s
+
+Keys that a run does not log are simply absent from its plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+STEP_TIME, OTHER_TIME = "time/step", "time/other"
+# (file stem, title, keys drawn as lines, y label)
+PLOTS = (
+    ("reward", "Reward", ("reward/mean",), "mean reward"),
+    ("pseudo_label_accuracy", "Pseudo-label accuracy vs gold", ("label/accuracy",), "accuracy"),
+    ("true_accuracy", "True accuracy", ("accuracy/true", "accuracy/eval"), "accuracy"),
+    ("entropy", "Policy entropy", ("entropy/mean",), "nats / token"),
+    ("iqr_drop_rate", "IQR filter drop rate", ("iqr/drop_rate",), "fraction dropped"),
+    ("kl", "KL to reference", ("kl/mean",), "KL"),
+    ("response_length", "Response length", ("response/length_mean",), "tokens"),
+    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "alarm/collapse"), "value"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+class PhaseTimer:
+    """Seconds per phase within one step; `take()` returns them and starts the next step.
+
+    Phases may repeat within a step (several micro-batches): their seconds add up. The wall time
+    since the last `take()` (or since construction) is reported too, and what the phases did not
+    cover as `time/other`, so the stacked step-time plot adds up to the real step time. Call
+    `take()` once before the first step to leave set-up time out of it.
+    """
+
+    def __init__(self):
+        self._seconds: dict[str, float] = {}
+        self._step_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def take(self, tokens: int | None = None) -> dict[str, float]:
+        """time/<phase>, time/other, time/step and, given the step's generated tokens, tokens/s."""
+        now = time.perf_counter()
+        wall = now - self._step_start
+        out = {f"time/{name}": seconds for name, seconds in self._seconds.items()}
+        out[OTHER_TIME] = max(0.0, wall - sum(self._seconds.values()))
+        out[STEP_TIME] = wall
+        if tokens is not None and wall > 0:
+            out["perf/tokens_per_s"] = tokens / wall
+        self._seconds, self._step_start = {}, now
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The step records of a metrics.jsonl (or of the run directory holding one).
+
+    A last line cut off by a killed process is not valid JSON and is dropped.
+    """
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
+def truncate_metrics(path: Path, resume_step: int) -> list[dict[str, Any]]:
+    """Keep only records of steps before `resume_step`, so a resumed run never logs a step twice;
+    returns the records kept."""
+    kept = [r for r in read_metrics(path) if r.get("step", math.inf) < resume_step]
+    staging = path.with_suffix(".jsonl.tmp")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(staging, path)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# the sink
+
+
+class MetricsSink:
+    """Progress display, metrics.jsonl and wandb for one run directory.
+
+    `start_step` is the first step this process will log (0 for a fresh run, the checkpoint's
+    step on resume); records at or after it are removed from metrics.jsonl first. wandb runs
+    in `wandb_mode` (offline by default: files under <run_dir>/wandb, no network; `wandb sync`
+    uploads them later), with a run id kept in the run directory so a resumed run continues
+    the same wandb run.
+    """
+
+    def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0, wandb_mode: str = "offline",
+                 wandb_project: str = "megatron_mgrpo", config: Mapping[str, Any] | None = None,
+                 live: bool = True, console=None):
+        from rich.console import Console
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        # every record of the run so far, e.g. for collapse_alarm
+        self.history = truncate_metrics(self.path, start_step) if self.path.exists() else []
+        self._wandb = self._start_wandb(wandb_mode, wandb_project, config)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.console = console or Console(stderr=True)
+        self.timer = PhaseTimer()
+        self._progress = self._start_progress(total_steps, start_step) if live else None
+
+    def _start_progress(self, total_steps: int, start_step: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                            console=self.console)
+        progress.start()
+        self._task = progress.add_task("steps", total=total_steps, completed=start_step, phase="start", last="")
+        return progress
+
+    def _start_wandb(self, mode: str, project: str, config: Mapping[str, Any] | None):
+        if mode not in ("disabled", "offline", "online"):
+            raise ValueError(f"log.wandb={mode!r} is not one of disabled, offline, online")
+        if mode == "disabled":
+            return None
+        import wandb
+
+        id_file = self.run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        return wandb.init(mode=mode, project=project, dir=str(self.run_dir), id=id_file.read_text().strip(),
+                          name=self.run_dir.name, config=dict(config or {}), resume="allow",
+                          settings=wandb.Settings(console="off", silent=True))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the current step and show it in the progress display."""
+        if self._progress is not None:
+            self._progress.update(self._task, phase=name)
+        with self.timer.phase(name):
+            yield
+
+    def log(self, step: int, metrics: Mapping[str, Any], tokens: int | None = None) -> dict[str, Any]:
+        """Record step `step` (counted from 0): the metrics plus the step's phase times; returns the record.
+
+        `tokens` (generated this step) adds perf/tokens_per_s. Values are numbers, None for "not
+        measured this step", or strings; wandb gets the numbers.
+        """
+        record = {"step": step, **metrics, **self.timer.take(tokens)}
+        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.flush()
+        self.history.append(record)
+        if self._wandb is not None:
+            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._wandb.log(numbers, step=step)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step + 1, phase="step", last=_headline(record))
+        return record
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        self._file.close()
+
+    def __enter__(self) -> MetricsSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _headline(record: Mapping[str, Any]) -> str:
+    """The few numbers worth reading while a run goes by."""
+    shown = (("reward/mean", "reward"), ("accuracy/true", "acc"), ("entropy/mean", "H"), (STEP_TIME, "s/step"))
+    return "  ".join(f"{label} {record[key]:.3g}" for key, label in shown if isinstance(record.get(key), (int, float)))
+
+
+# --------------------------------------------------------------------------------------------
+# plots and summary
+
+
+def plot_metrics(run_dir: str | Path) -> list[Path]:
+    """PNG plots of <run_dir>/metrics.jsonl into <run_dir>/plots; returns the files written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    records = read_metrics(run_dir)
+    out_dir = Path(run_dir) / PLOTS_DIR
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    charts = [(stem, title, _series(records, keys), ylabel, False) for stem, title, keys, ylabel in PLOTS]
+    charts.append(("step_time", "Step time by phase", _series(records, _phase_keys(records)), "seconds", True))
+    for stem, title, series, ylabel, stacked in charts:
+        if not series:
+            continue
+        figure = Figure(figsize=(6, 3.5), layout="tight")
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        if stacked:
+            steps = [step for step, _ in next(iter(series.values()))]
+            axes.stackplot(steps, *[[v for _, v in points] for points in series.values()],
+                           labels=[k.split("/", 1)[1] for k in series])
+        else:
+            for key, points in series.items():
+                axes.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+        axes.set(title=title, xlabel="step", ylabel=ylabel)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        path = out_dir / f"{stem}.png"
+        figure.savefig(path, dpi=100)
+        written.append(path)
+    return written
+
+
+def _phase_keys(records: list[dict[str, Any]]) -> tuple[str, ...]:
+    """time/<phase> keys logged on every step (stacked areas need a value at each step)."""
+    if not records:
+        return ()
+    common = set.intersection(*(set(r) for r in records))
+    return tuple(sorted(k for k in common if k.startswith("time/") and k != STEP_TIME))
+
+
+def _series(records: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of each key that has at least one finite number."""
+    series = {}
+    for key in keys:
+        points = [(r["step"], float(r[key])) for r in records
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            series[key] = points
+    return series
+
+
+def summary_table(summary: Mapping[str, Any], title: str = "Run summary"):
+    """A two-column rich table of a run's summary (numbers at 4 significant digits)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def print_summary(summary: Mapping[str, Any], console=None) -> None:
+    from rich.console import Console
+
+    (console or Console()).print(summary_table(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# collapse early warning
+
+
+class CollapseAlarm(NamedTuple):
+    alarm: bool
+    reasons: list[str]
+
+
+def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, min_signals: int = 2,
+                   share_ceiling: float = 0.95, entropy_ratio: float = 0.5, length_ratio: float = 0.6,
+                   agreement_floor: float = 0.5) -> CollapseAlarm:
+    """Early warning of self-reward collapse from label-free signals only (gold is never read).
+
+    Self-rewarding RL collapses by agreeing with itself: votes become unanimous, the policy
+    becomes certain and its answers shrink, and it drifts away from the slow momentum model.
+    The rule compares the mean of the last `window` steps ("recent") with the mean of the
+    first `window` steps of the history ("baseline": the run before it could have collapsed),
+    and checks four signals:
+
+    - unanimity: recent `label/share_mean` >= `share_ceiling` (0.95) while the baseline was
+      below it: votes went from contested to near-unanimous;
+    - entropy: recent `entropy/mean` < `entropy_ratio` (0.5) x baseline;
+    - length: recent `response/length_mean` < `length_ratio` (0.6) x baseline;
+    - anchor drift: recent `label/agreement` (policy-only vote = momentum-only vote) <
+      `agreement_floor` (0.5) while the baseline was at or above it. Runs without a momentum
+      model do not log it and are judged on the other three.
+
+    The alarm fires when at least `min_signals` (2) signals fire: a single signal also
+    happens in healthy learning (a task that becomes easy gives unanimous votes; entropy
+    falls as the policy sharpens). With fewer than 2 x `window` steps there is no judgement.
+    """
+    if len(history) < 2 * window:
+        return CollapseAlarm(False, [])
+    baseline, recent = history[:window], history[-window:]
+
+    def means(key: str) -> tuple[float, float] | None:
+        before, after = _mean(baseline, key), _mean(recent, key)
+        return None if before is None or after is None else (before, after)
+
+    reasons = []
+    if (share := means("label/share_mean")) and share[1] >= share_ceiling > share[0]:
+        reasons.append(f"vote share rose to {share[1]:.2f} from {share[0]:.2f} (unanimity >= {share_ceiling})")
+    if (entropy := means("entropy/mean")) and entropy[1] < entropy_ratio * entropy[0]:
+        reasons.append(f"entropy fell to {entropy[1]:.3g} from {entropy[0]:.3g} (< {entropy_ratio} x baseline)")
+    if (length := means("response/length_mean")) and length[1] < length_ratio * length[0]:
+        reasons.append(f"response length fell to {length[1]:.3g} from {length[0]:.3g} (< {length_ratio} x baseline)")
+    if (agree := means("label/agreement")) and agree[1] < agreement_floor <= agree[0]:
+        reasons.append(f"policy/momentum vote agreement fell to {agree[1]:.2f} from {agree[0]:.2f} "
+                       f"(< {agreement_floor})")
+    return CollapseAlarm(len(reasons) >= min_signals, reasons)
+
+
+def _mean(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return statistics.fmean(values) if values else None
