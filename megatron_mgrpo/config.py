@@ -44,6 +44,12 @@ class ModelConfig:
                        "Hugging Face model directory, or `builtin:tiny-qwen3` for the embedded CPU model")
     dtype: str = option("auto", "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
                         choices=("auto", "fp32", "bf16", "fp16"))
+    fp8: str = option("off", "FP8 compute in the trainer (Transformer Engine, GPU only): e4m3 everywhere, or "
+                             "hybrid (e4m3 forward, e5m2 gradients)", choices=("off", "e4m3", "hybrid"))
+    fp8_recipe: str = option("delayed", "FP8 scaling recipe when model.fp8 is on: delayed (amax history), "
+                                        "tensorwise (current per-tensor scales) or blockwise (block scales)",
+                             choices=("delayed", "tensorwise", "blockwise"))
+    fp8_params: bool = option(False, "keep the GEMM weights themselves in FP8 (needs model.fp8; saves memory)")
 
 
 @dataclass
@@ -120,7 +126,7 @@ class FieldsConfig:
 @dataclass
 class DataConfig:
     path: str = option("builtin:arithmetic", "jsonl / parquet file, HF datasets directory, or "
-                                             "builtin:<task> (arithmetic, chain_sum, gsm)")
+                                             "builtin:<task> (arithmetic, chain_sum, gsm, small_sums)")
     format: str = option("auto", "file format; auto decides from the suffix",
                          choices=("auto", "jsonl", "parquet", "hf"))
     fields: FieldsConfig = section(FieldsConfig, "column names")
@@ -151,6 +157,24 @@ class TrainConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    steps: int = option(0, "supervised steps on the builtin task's gold answers before RL, on a separate "
+                           "sample of the task (data.seed + 1); 0 skips it. The result is cached by its settings",
+                        ge=0)
+    batch_size: int = option(64, "sequences per supervised step", ge=1)
+    lr: float = option(3e-3, "peak learning rate of the supervised steps (constant after warm-up)", gt=0.0)
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = option(64, "held-out prompts (data.seed + 2) scored with gold answers for true accuracy; "
+                              "monitoring only, never a reward; 0 disables it", ge=0)
+    interval: int = option(10, "measure true accuracy every this many steps (and at the start and end)", ge=1)
+    temperature: float = option(0.0, "sampling temperature of the accuracy measurement; 0 is greedy", ge=0.0)
+    samples: int = option(1, "samples per held-out prompt; true accuracy is pass@1 averaged over them", ge=1)
+
+
+@dataclass
 class LogConfig:
     out_dir: str = option("runs", "parent directory of run directories")
     wandb: str = option("offline", "Weights & Biases mode (wandb's own mode names)",
@@ -167,6 +191,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Cluster shape and rollout placement: read by `mgrpo launch`, which validates and starts a run."""
+
+    nodes: int = option(1, "nodes of the job: training nodes plus, when disaggregated, rollout nodes", ge=1)
+    gpus_per_node: int = option(8, "GPUs per node", ge=1)
+    gpu_memory_gib: float = option(80.0, "memory of one GPU in GiB (H100 SXM: 80)", gt=0.0)
+    placement: str = option("colocated", "colocated: rollout engines share the training GPUs; disaggregated: "
+                                         "launch.rollout_nodes nodes run only rollout servers",
+                            choices=("colocated", "disaggregated"))
+    rollout_nodes: int = option(0, "disaggregated: nodes that run rollout servers (the others train)", ge=0)
+    rollout_tp: int = option(1, "GPUs per rollout engine (its tensor-parallel size)", ge=1)
+    policy_engines: int = option(6, "rollout engines serving the policy weights", ge=1)
+    momentum_engines: int = option(2, "rollout engines serving the momentum (EMA) weights; 0 unless "
+                                      "reward.label_source=mgrpo", ge=0)
+    rollout_mem_fraction: float = option(0.4, "share of each rollout GPU's memory the engine reserves (SGLang "
+                                              "--mem-fraction-static, vLLM --gpu-memory-utilization); "
+                                              "colocated, the trainer gets the rest", gt=0.0, lt=1.0)
+    max_prompt_tokens: int = option(1024, "longest prompt in tokens; with rollout.max_new_tokens it sets the "
+                                          "engines' context length and the planner's sequence length", ge=1)
+    activation_recompute: str = option("full", "activation recompute the memory plan assumes: full keeps only "
+                                               "each layer's input, none keeps every activation",
+                                       choices=("full", "none"))
+    master_port: int = option(29500, "rendezvous port of the training processes", ge=1, le=65535)
+    engine_port: int = option(30000, "port of the first rollout server on a node; the next ones count up",
+                              ge=1, le=65535)
+    engine_python: str = option("python3", "interpreter that runs the rollout servers: an environment with "
+                                           "SGLang or vLLM, which pin their own torch")
+
+
+@dataclass
 class Config:
     model: ModelConfig = section(ModelConfig, "the policy model")
     parallel: ParallelConfig = section(ParallelConfig, "megatron-core parallel layout")
@@ -175,8 +229,11 @@ class Config:
     reward: RewardConfig = section(RewardConfig, "answer grading, voting and label sources")
     data: DataConfig = section(DataConfig, "prompt dataset and template")
     train: TrainConfig = section(TrainConfig, "optimisation")
+    warmstart: WarmStartConfig = section(WarmStartConfig, "supervised warm start of a builtin model")
+    eval: EvalConfig = section(EvalConfig, "true accuracy on held-out prompts during training")
     log: LogConfig = section(LogConfig, "metrics and tracking")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "distributed checkpoints")
+    launch: LaunchConfig = section(LaunchConfig, "cluster shape and rollout placement (mgrpo launch)")
 
     def samples_per_prompt(self) -> tuple[int, int]:
         """(M, N): policy and momentum samples per prompt. Only mgrpo samples the momentum model."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +41,47 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     if "SLURM_PROCID" in env:
         return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]), port)
-    return Launch(0, 1, 0, "127.0.0.1", port)
+    # a lone process rendezvouses with itself: any free port, so that several runs can share a machine
+    return Launch(0, 1, 0, "127.0.0.1", port if "MASTER_PORT" in env else _free_local_port())
+
+
+def _free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a Slurm node list such as `gpu[003-005,010],cpu1` (zero padding kept)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    return slurm_hostnames(nodelist)[0]
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Every host of a Slurm node list, in order: `gpu-[001-002,010],cpu1` -> gpu-001, gpu-002, gpu-010, cpu1.
+
+    Ranges keep the zero padding of their first bound, as Slurm writes them; a name may hold several
+    bracket groups (`r[1-2]n[1-2]`), expanded left to right.
+    """
+    hosts = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
+        hosts += _expand_host(item)
+    if not hosts:
         raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list (expected e.g. 'gpu[01-04]')")
-    prefix, ranges = match.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+    return hosts
+
+
+def _expand_host(item: str) -> list[str]:
+    match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", item)
+    if not match:
+        return [item]
+    prefix, ranges, rest = match.groups()
+    numbers = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"node range {part!r} in {item!r} is not a number or a low-high range")
+        numbers += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
+    return [prefix + number + tail for number in numbers for tail in _expand_host(rest)]
 
 
 def data_parallel_size(world_size: int, *, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1) -> int:

@@ -1,4 +1,5 @@
 import re
+import socket
 import subprocess
 import sys
 
@@ -64,7 +65,11 @@ def test_launch_from_torchrun_and_slurm():
     slurm = launch_from_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
                              "SLURM_JOB_NODELIST": "gpu[003-004,010],cpu1"})
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (9, 16, 1, "gpu003")
-    assert launch_from_env({}) == Launch(0, 1, 0, "127.0.0.1", 29500)
+    assert launch_from_env({"MASTER_PORT": "1234"}) == Launch(0, 1, 0, "127.0.0.1", 1234)
+    alone = launch_from_env({})  # a lone process takes a free port: two runs on one machine do not collide
+    assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", alone.master_port))
 
 
 @pytest.mark.parametrize("nodelist, first", [("node7", "node7"), ("a[01-04]", "a01"), ("gpu[12,15-16]", "gpu12"),

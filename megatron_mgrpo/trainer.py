@@ -1,0 +1,438 @@
+"""The M-GRPO trainer: one step, top to bottom, and the run around it.
+
+    sample M from the policy pool and N from the momentum pool
+    -> extract answers, vote, rewards (the label source)
+    -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel)
+    -> IQR filter over the G trajectory entropies, advantages over the kept policy responses
+    -> PPO-clip / TIS / KL loss, optimizer step -> EMA update of the momentum shards
+    -> weight sync to the engines -> metrics -> checkpoint
+
+Rank 0 drives the rollout engines and the grader and broadcasts the step's samples and rewards;
+every rank then runs the Megatron part (TP / PP / DP) on identical inputs. Baselines are the
+same step with another `reward.label_source` (`srt`, `ttrl`, `gt`, `intuitor`) and the
+ablation switches `rollout.momentum_samples` / `algo.iqr_filter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_mgrpo.algo import (aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty,
+                                 policy_loss, trajectory_entropy)
+from megatron_mgrpo.config import Config, to_yaml
+from megatron_mgrpo.data.records import PromptRecord
+from megatron_mgrpo.reward.extract import extract_answer
+from megatron_mgrpo.reward.labels import PromptGroup, make_label_source, pseudo_label_accuracy
+from megatron_mgrpo.reward.voting import vote
+from megatron_mgrpo.rollout.types import Sample, SamplingParams
+from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
+
+
+#: the config `mgrpo train` runs without --config: the embedded CPU default
+EMBEDDED_PRESET = str(Path(__file__).parent / "presets" / "tiny_cpu.yaml")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's samples and rewards, identical on every rank. Sequences are prompt-major:
+    prompt p owns rows p*G .. p*G+G-1, the M policy responses first, then the N momentum ones."""
+
+    sequences: TrainSequences
+    rewards: torch.Tensor  # [P, M]
+    trainable: torch.Tensor  # [P, M] bool: the response has a reward (its prompt got a label; ttrl: a subset)
+    metrics: dict[str, float]
+    generated_tokens: int
+
+
+class Trainer:
+    """Owns the policy (Megatron), the engines and grader (rank 0), and the step."""
+
+    def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, prompts: list[PromptRecord],
+                 eval_prompts: list[PromptRecord]):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from megatron_mgrpo.data.templates import PromptTemplate
+        from megatron_mgrpo.models.hf_config import model_spec_from_hf
+        from megatron_mgrpo.train.policy import MegatronPolicy
+
+        self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
+        self.m, self.n = cfg.samples_per_prompt()
+        self.rank0 = dist.get_rank() == 0
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.spec = model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp)
+        needs_reference = cfg.algo.kl_coef > 0 and cfg.algo.kl_reference == "initial"
+        self.policy = MegatronPolicy(self.spec, hf_model.state_dict(), cfg, momentum=True,
+                                     reference=needs_reference, pad_id=self.tokenizer.pad_token_id)
+        render = PromptTemplate(self.tokenizer, cfg.data.template, cfg.data.few_shot, prompts, cfg.data.seed).render
+        self.prompts = prompts
+        self.prompt_ids = [self.tokenizer(render(r), add_special_tokens=False)["input_ids"] for r in prompts]
+        self.eval_prompts = eval_prompts
+        self.eval_ids = [self.tokenizer(render(r), add_special_tokens=False)["input_ids"] for r in eval_prompts]
+        self.gold = {r.id: r.gold_answer for r in prompts}  # monitoring only, and label_source=gt
+        self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed))
+        self.pools = self.grader = self.labels = None
+        if self.rank0:
+            self._start_rank0_services(hf_model)
+
+    def _start_rank0_services(self, hf_model) -> None:
+        from megatron_mgrpo.reward.equivalence import AnswerGrader
+        from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
+
+        cfg = self.cfg
+        if cfg.reward.label_source == "intuitor" and cfg.rollout.engine != "hf":
+            raise ValueError(f"reward.label_source=intuitor scores self-certainty with the in-process engine's "
+                             f"model; rollout.engine={cfg.rollout.engine} has none: use rollout.engine=hf")
+        policy = EnginePool("policy", [self._engine("policy", hf_model)])
+        momentum = EnginePool("momentum", [self._engine("momentum")]) if self.n else None
+        self.pools = RolloutPools(policy, momentum)
+        self.grader = AnswerGrader(cfg.reward.verify_workers, cfg.reward.verify_timeout_s)
+        gold = self.gold if cfg.reward.label_source == "gt" else None
+        self.labels = make_label_source(cfg.reward.label_source, self.grader, threshold=cfg.reward.vote_threshold,
+                                        ttrl_train_samples=cfg.reward.ttrl_train_samples, gold=gold)
+
+    def _engine(self, name: str, hf_model=None):
+        """A rollout engine on the starting weights: in-process, or a vLLM / SGLang server started
+        with `launch.engine_python` (an environment that has the server installed)."""
+        kind, python, logs = self.cfg.rollout.engine, self.cfg.launch.engine_python, self.run_dir / "logs"
+        if kind == "vllm":
+            from megatron_mgrpo.rollout.vllm_engine import VLLMEngine
+
+            return VLLMEngine(self.model_dir, python=python, log_dir=logs, name=name,
+                              dtype=str(self.policy.dtype).removeprefix("torch."),
+                              max_model_len=self.cfg.launch.max_prompt_tokens + self.cfg.rollout.max_new_tokens)
+        if kind == "sglang":
+            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
+
+            return SGLangEngine(self.model_dir, python=python, log_dir=logs, name=name)
+        from transformers import AutoModelForCausalLM
+
+        from megatron_mgrpo.rollout.hf_engine import HFEngine
+
+        model = hf_model or AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        return HFEngine(model, self.tokenizer)
+
+    # ------------------------------------------------------------------------------ the step
+
+    def step(self, step: int, phase) -> dict[str, float]:
+        """One M-GRPO step; `phase(name)` times its parts."""
+        cfg, m, g = self.cfg, self.m, self.m + self.n
+        batch = self.batch_indices(step)
+        with phase("rollout"):
+            rollout = _broadcast(self.rollout(batch, step) if self.rank0 else None)
+        with phase("logprobs"):
+            scores = self.policy.score(rollout.sequences, cfg.rollout.temperature)
+            entropy = torch.stack([h.mean() if len(h) else torch.tensor(math.nan) for h in scores.entropy])
+            entropy = entropy.view(len(batch), g)
+            keep = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
+                else torch.ones(len(batch), m, dtype=torch.bool)
+            keep &= rollout.trainable
+            advantages = group_advantages(rollout.rewards, keep, cfg.algo.advantage_estimator)
+            rows = [p * g + i for p in range(len(batch)) for i in range(m) if keep[p, i]]
+            train_set = self.training_sequences(rollout.sequences, scores, advantages.flatten(), rows, m, g)
+        with phase("train"):
+            metrics = {}
+            for part in _split(len(rows), cfg.train.updates_per_rollout):
+                metrics = self.policy.train_step(train_set.subset(part), self.objective, cfg.rollout.temperature)
+                self.policy.update_momentum()
+        with phase("sync"):
+            self.sync_weights(step + 1)
+        kl = {"kl/mean": metrics.pop("kl")} if "kl" in metrics else {}
+        return {**rollout.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl,
+                "entropy/mean": float(entropy[:, :m].nanmean()), "iqr/drop_rate": float(1 - keep.float().mean()),
+                "iqr/kept": len(rows), "generated_tokens": rollout.generated_tokens}
+
+    def objective(self, batch: MicroBatch, logp: torch.Tensor):
+        """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty."""
+        algo, fields, mask = self.cfg.algo, batch.fields, batch.response_mask
+        loss, stats = policy_loss(logp, fields["old_logp"], fields["advantage"], mask, clip_low=algo.clip_low,
+                                  clip_high=algo.clip_high, rollout_logp=fields["rollout_logp"],
+                                  tis_cap=algo.tis_cap, tis_mode=algo.tis_mode, agg=algo.loss_agg)
+        if algo.kl_coef > 0:
+            kl = aggregate(kl_penalty(logp, fields["ref_logp"], algo.kl_estimator), mask, algo.loss_agg)
+            loss = loss + algo.kl_coef * kl
+            stats["kl"] = kl.detach()
+        return loss, aggregation_units(mask, algo.loss_agg), {k: float(v) for k, v in stats.items()}
+
+    def training_sequences(self, sequences: TrainSequences, scores, advantages: torch.Tensor, rows: list[int],
+                           m: int, g: int) -> TrainSequences:
+        """The kept policy responses with old log-probs, advantages and (with KL) reference log-probs."""
+        chosen = sequences.subset(rows)
+        chosen.token_fields["old_logp"] = [scores.logprobs[r] for r in rows]
+        chosen.sequence_fields["advantage"] = [float(advantages[(r // g) * m + r % g]) for r in rows]
+        if self.cfg.algo.kl_coef > 0:
+            anchor = {"initial": "reference", "momentum": "momentum"}[self.cfg.algo.kl_reference]
+            reference = self.policy.score(chosen, self.cfg.rollout.temperature, weights=anchor)
+            chosen.token_fields["ref_logp"] = reference.logprobs
+        return chosen
+
+    # ------------------------------------------------------------------------------ rank 0
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The step's prompts: a fixed shuffle, walked in order (so a resumed run continues it)."""
+        size = self.cfg.train.prompts_per_step
+        return [int(self.order[(step * size + i) % len(self.order)]) for i in range(size)]
+
+    def sampling(self, step: int, offset: int = 0) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                              seed=self.cfg.train.seed + 1000 * step + offset)
+
+    def rollout(self, batch: list[int], step: int) -> Rollout:
+        """Sample, extract, vote and reward (rank 0)."""
+        cfg, m = self.cfg, self.m
+        prompts = [self.prompt_ids[i] for i in batch]
+        policy_samples = self.pools.policy.generate(prompts, m, self.sampling(step))
+        momentum_samples = (self.pools.momentum.generate(prompts, self.n, self.sampling(step, offset=1))
+                            if self.n else [[] for _ in prompts])
+        mode = cfg.reward.extraction
+        certainty = self.self_certainty(policy_samples) if cfg.reward.label_source == "intuitor" else None
+        groups = [PromptGroup(self.prompts[i].id, [extract_answer(s.text, mode) for s in ps],
+                              [extract_answer(s.text, mode) for s in ms], certainty[p] if certainty else None)
+                  for p, (i, ps, ms) in enumerate(zip(batch, policy_samples, momentum_samples))]
+        results = self.labels.label(groups)
+        samples = [s for ps, ms in zip(policy_samples, momentum_samples) for s in ps + ms]
+        sequences = TrainSequences([s.prompt_ids + s.response_ids for s in samples],
+                                   [len(s.prompt_ids) for s in samples],
+                                   {"rollout_logp": [s.logprobs for s in samples]})
+        rewards = torch.zeros(len(batch), m)
+        trainable = torch.zeros(len(batch), m, dtype=torch.bool)
+        for p, result in enumerate(results):  # ttrl rewards only its first ttrl_train_samples responses
+            rewards[p, :len(result.rewards)] = torch.tensor(result.rewards)
+            trainable[p, :len(result.rewards)] = result.trained
+        metrics = self.label_metrics(groups, results, samples, [self.prompts[i].id for i in batch])
+        return Rollout(sequences, rewards, trainable, metrics, sum(len(s.response_ids) for s in samples))
+
+    @torch.no_grad()
+    def self_certainty(self, policy_samples: list[list[Sample]]) -> list[list[float]]:
+        """Intuitor's reward: self-certainty of each response under the policy engine's model
+        (which holds the current policy weights), teacher-forced."""
+        from megatron_mgrpo.algo import self_certainty_from_logits
+
+        model = self.pools.policy.engines[0].model
+        scores = []
+        for samples in policy_samples:
+            row = []
+            for s in samples:
+                ids = torch.tensor([s.prompt_ids + s.response_ids])
+                logits = model(input_ids=ids).logits[:, len(s.prompt_ids) - 1:-1]
+                row.append(float(self_certainty_from_logits(logits, torch.ones(logits.shape[:2]))[0]))
+            scores.append(row)
+        return scores
+
+    def label_metrics(self, groups, results, samples: list[Sample], prompt_ids: list[str]) -> dict[str, float]:
+        """Label-free health signals, plus pseudo-label accuracy against gold (monitoring only)."""
+        answered = [a is not None for g in groups for a in g.policy_answers]
+        metrics = {"reward/mean": float(torch.tensor([r for res in results for r in res.rewards]).mean()),
+                   "label/labelled": sum(r.trained for r in results) / len(results),
+                   "label/share_mean": sum(r.share for r in results) / len(results),
+                   "answer/rate": sum(answered) / len(answered),
+                   "response/length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+                   "response/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+        accuracy = pseudo_label_accuracy(results, prompt_ids, self.gold, self.grader)
+        if accuracy is not None:
+            metrics["label/accuracy"] = accuracy
+        if self.n:  # does the policy's own vote still agree with the momentum model's?
+            pairs = [[vote(g.policy_answers, self.grader).label, vote(g.momentum_answers, self.grader).label]
+                     for g in groups]
+            classes = self.grader.group_many(pairs)
+            metrics["label/agreement"] = sum(c[0] is not None and c[0] == c[1] for c in classes) / len(classes)
+        return metrics
+
+    def true_accuracy(self) -> float | None:
+        """pass@1 of the current policy on held-out prompts, averaged over `eval.samples` samples
+        each and graded against gold (rank 0; monitoring only)."""
+        if not self.eval_prompts:
+            return None
+        e = self.cfg.eval
+        sampling = SamplingParams(temperature=e.temperature or 1.0, top_k=-1 if e.temperature else 1,
+                                  max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.train.seed)
+        samples = self.pools.policy.generate(self.eval_ids, e.samples, sampling)
+        pairs = [[r.gold_answer] + [extract_answer(s.text, self.cfg.reward.extraction) for s in group]
+                 for group, r in zip(samples, self.eval_prompts)]
+        classes = self.grader.group_many(pairs)
+        correct = [c[0] is not None and answer == c[0] for c in classes for answer in c[1:]]
+        return sum(correct) / len(correct)
+
+    def sync_weights(self, version: int) -> None:
+        """Push the policy to the policy engines, and the momentum weights at their own interval.
+
+        Every rank walks the export (it gathers over TP); rank 0 hands the tensors to its engines."""
+        targets = [("policy", lambda: self.pools.policy if self.rank0 else None)]
+        if self.n and version % self.cfg.rollout.momentum_sync_interval == 0:
+            targets.append(("momentum", lambda: self.pools.momentum if self.rank0 else None))
+        for which, pool in targets:
+            weights = self.policy.hf_weights(which)
+            if pool() is None:
+                for _ in weights:
+                    pass
+            else:
+                named = list(weights)
+                pool().update_weights(lambda: iter(named), version)
+
+    def close(self) -> None:
+        if self.grader is not None:
+            self.grader.close()
+        for pool in (self.pools.policy, self.pools.momentum) if self.pools else ():
+            for engine in pool.engines if pool else ():
+                engine.shutdown()
+
+
+def _split(count: int, parts: int) -> list[list[int]]:
+    """`range(count)` in `parts` contiguous chunks (mini-batches of one rollout batch)."""
+    bounds = [round(i * count / parts) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+def _broadcast(value):
+    """`value` from rank 0 on every rank."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def held_out_prompts(cfg: Config) -> list[PromptRecord]:
+    """Prompts for true accuracy: a separate sample of a builtin task (data.seed + 2), or the first
+    `eval.prompts` rows with gold answers of a dataset file."""
+    from megatron_mgrpo.data.datasets import load_prompts_from_config
+
+    if cfg.eval.prompts == 0:
+        return []
+    data = dataclasses.replace(cfg.data, seed=cfg.data.seed + 2) if cfg.data.path.startswith("builtin:") else cfg.data
+    return [r for r in load_prompts_from_config(data).records if r.gold_answer is not None][:cfg.eval.prompts]
+
+
+def train(cfg: Config, run_dir: Path, console=None) -> dict:
+    """Run M-GRPO (or a baseline) as `cfg` says, into `run_dir`; resumes from its newest complete
+    checkpoint. Returns the summary (on every rank)."""
+    from megatron_mgrpo import metrics as metrics_lib
+    from megatron_mgrpo.data.datasets import load_prompts_from_config
+    from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
+    from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
+    from megatron_mgrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_mgrpo.warmstart import warm_start
+
+    started = time.perf_counter()
+    p = cfg.parallel
+    init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, cp=p.cp, seed=cfg.train.seed)
+    rank0 = dist.get_rank() == 0
+    say = (console.print if console else print) if rank0 else (lambda *a, **k: None)
+    trainer = sink = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if rank0:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        model_dir = resolve_model_path(cfg.model.path)
+        if cfg.warmstart.steps:
+            model_dir = warm_start(cfg, model_dir, default_cache_dir(), progress=say)
+        trainer = Trainer(cfg, run_dir, model_dir, load_prompts_from_config(cfg.data).records, held_out_prompts(cfg))
+        policy, start, state = trainer.policy, 0, {}
+        checkpoint = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+        if checkpoint is not None:
+            loaded = load_checkpoint(checkpoint, [policy.model], optimizer=policy.optimizer,
+                                     scheduler=policy.scheduler, momentum=policy.momentum.state_dict())
+            start, state = loaded.step, loaded.common
+            trainer.sync_weights(start)
+            say(f"resumed from {checkpoint} (step {start})")
+        if rank0:
+            sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
+                                           wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg),
+                                           console=console)
+            if start == 0 and trainer.eval_prompts:
+                state["initial_true_accuracy"] = trainer.true_accuracy()
+            sink.timer.take()  # set-up time is not step 0's
+        preempted = _PreemptionRequest()
+        for step in range(start, cfg.train.steps):
+            phase = sink.phase if rank0 else (lambda name: contextlib.nullcontext())
+            record = trainer.step(step, phase)
+            stopping = preempted.agreed()
+            last = step == cfg.train.steps - 1 or stopping
+            if rank0:
+                if (step + 1) % cfg.eval.interval == 0 or last:
+                    with phase("eval"):
+                        record["accuracy/true"] = trainer.true_accuracy()
+                alarm = metrics_lib.collapse_alarm([*sink.history, record])
+                record["alarm/collapse"] = float(alarm.alarm)
+                sink.log(step, record, tokens=record["generated_tokens"])
+            if (step + 1) % cfg.checkpoint.interval == 0 or last:
+                state = _broadcast(state)
+                save_checkpoint(run_dir, step + 1, [policy.model], optimizer=policy.optimizer,
+                                scheduler=policy.scheduler, momentum=policy.momentum.state_dict(), common=state,
+                                keep_last=cfg.checkpoint.keep_last, files_from=model_dir)
+            if stopping:
+                say(f"preempted: checkpoint of step {step + 1} saved; the same command resumes from it")
+                return {}
+        export_hf(trainer, run_dir / "hf")
+        summary = {}
+        if rank0:
+            history = sink.history
+            sink.close()
+            sink = None
+            summary = summarize(cfg, run_dir, state, history, time.perf_counter() - started)
+            metrics_lib.plot_metrics(run_dir)
+            metrics_lib.print_summary(summary, console)
+        return _broadcast(summary)
+    finally:
+        if sink is not None:
+            sink.close()
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()
+
+
+class _PreemptionRequest:
+    """SIGUSR1 (Slurm's warning before preemption or the time limit) asks for a checkpoint at the
+    end of the current step and a clean exit; the ranks agree on it, so they stop together."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGUSR1, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def export_hf(trainer: Trainer, out: Path) -> None:
+    """The policy and the momentum model as loadable HF directories (`out/policy`, `out/momentum`)."""
+    from transformers import AutoModelForCausalLM
+
+    for which in ("policy", "momentum"):
+        weights = dict(trainer.policy.hf_weights(which))
+        if dist.get_rank() == 0:
+            model = AutoModelForCausalLM.from_pretrained(trainer.model_dir, dtype=torch.float32)
+            model.load_state_dict(weights, strict=True)
+            model.save_pretrained(out / which)
+            trainer.tokenizer.save_pretrained(out / which)
+
+
+def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall_seconds: float) -> dict:
+    accuracies = [r["accuracy/true"] for r in history if r.get("accuracy/true") is not None]
+    summary = {"label_source": cfg.reward.label_source, "steps": len(history),
+               "initial_true_accuracy": state.get("initial_true_accuracy"),
+               "final_true_accuracy": accuracies[-1] if accuracies else None,
+               "best_true_accuracy": max(accuracies) if accuracies else None,
+               "final_reward": history[-1].get("reward/mean") if history else None,
+               "collapse_alarm": bool(history and history[-1].get("alarm/collapse")),
+               "wall_seconds": round(wall_seconds, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

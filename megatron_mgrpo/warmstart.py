@@ -1,0 +1,109 @@
+"""Supervised warm start: teach a freshly initialised builtin model the task's answer format.
+
+Label-free RL needs a policy that already gets some answers right: a vote over random strings
+labels nothing. The embedded default therefore first trains the tiny model with Megatron (the
+same `MegatronPolicy` and optimizer as RL, with a next-token objective) on gold answers of a
+*separate* sample of the builtin task (data.seed + 1), then saves it as an HF directory. The
+result is cached under a digest of everything that shapes it, so later runs skip it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_mgrpo.config import Config
+from megatron_mgrpo.data.records import PromptRecord
+from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
+
+
+def answer_text(record: PromptRecord) -> str:
+    """What the warm-started model learns to answer: just the boxed gold answer."""
+    return f"\\boxed{{{record.gold_answer}}}"
+
+
+def sft_objective(batch: MicroBatch, logp: torch.Tensor):
+    """Mean negative log-likelihood of the response tokens."""
+    mask = batch.response_mask
+    tokens = int(mask.sum())
+    loss = -torch.where(mask, logp, 0).sum() / max(tokens, 1)
+    return loss, tokens, {}
+
+
+def sft_sequences(records: list[PromptRecord], tokenizer, render) -> TrainSequences:
+    tokens, prompts = [], []
+    for record in records:
+        prompt = tokenizer(render(record), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(answer_text(record), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        tokens.append(prompt + answer)
+        prompts.append(len(prompt))
+    return TrainSequences(tokens, prompts)
+
+
+def cache_key(cfg: Config, model_dir: Path) -> str:
+    settings = {"model": model_dir.name, "warmstart": dataclasses.asdict(cfg.warmstart),
+                "data": [cfg.data.path, cfg.data.seed, cfg.data.template, cfg.data.few_shot],
+                "seed": cfg.train.seed, "tokens": cfg.train.micro_batch_tokens}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -> Path:
+    """The warm-started HF directory for `model_dir` (trained now, or from the cache).
+
+    Runs inside an initialised distributed job (any TP / PP / DP); rank 0 writes the directory.
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_mgrpo.data.datasets import load_prompts_from_config
+    from megatron_mgrpo.data.templates import PromptTemplate
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.train.policy import MegatronPolicy
+
+    target = cache_root / "warmstart" / f"{model_dir.name}-{cache_key(cfg, model_dir)}"
+    if target.is_dir():
+        return target
+    settings = cfg.warmstart
+    sft_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=settings.steps, lr=settings.lr, min_lr=settings.lr, lr_schedule="constant",
+        lr_warmup_steps=min(20, settings.steps // 10), updates_per_rollout=1, weight_decay=0.0))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    records = load_prompts_from_config(dataclasses.replace(cfg.data, seed=cfg.data.seed + 1)).records
+    render = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed).render
+    policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp), hf_model.state_dict(),
+                            sft_cfg, momentum=False, pad_id=tokenizer.pad_token_id)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.train.seed))
+    for step in range(settings.steps):
+        picked = [records[int(order[(step * settings.batch_size + i) % len(records)])]
+                  for i in range(settings.batch_size)]
+        metrics = policy.train_step(sft_sequences(picked, tokenizer, render), sft_objective)
+        if step % 50 == 0 or step == settings.steps - 1:
+            progress(f"warm start step {step + 1}/{settings.steps}: loss {metrics['loss']:.3f}")
+    weights = dict(policy.hf_weights("policy"))
+    if dist.get_rank() == 0:
+        hf_model.load_state_dict(weights, strict=True)
+        _save_atomically(hf_model, tokenizer, target)
+    dist.barrier()
+    return target
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():  # not a concurrent run that finished first: a real error
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""The trainer end to end on CPU: the embedded run in small, every label source, TP=2 / PP=2 equal
+TP=1 on the first step, kill -9 + resume equals an uninterrupted run, gold never reaches a
+label-free reward."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from megatron_mgrpo.config import load_config
+from megatron_mgrpo.metrics import read_metrics
+from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.trainer import EMBEDDED_PRESET
+
+SMALL = ["train.steps=2", "train.prompts_per_step=4", "rollout.group_size=6", "rollout.momentum_samples=2",
+         "rollout.max_new_tokens=8", "warmstart.steps=30", "eval.prompts=8", "eval.interval=1",
+         "checkpoint.interval=1", "log.wandb=disabled", "train.lr_schedule=constant", "data.builtin_size=64",
+         "reward.ttrl_train_samples=4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """A fresh cache shared by this module's runs (the tiny model and its warm start are built once)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MGRPO_CACHE"] = str(path)
+    yield path
+    os.environ.pop("MGRPO_CACHE")
+
+
+def run_cli(out, *overrides, check=True):
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(out), *SMALL,
+                           *overrides], env=env, capture_output=True, text=True, check=check, timeout=900)
+
+
+def _spawned_train(rank, world, port, overrides, out):
+    from megatron_mgrpo.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train(load_config(EMBEDDED_PRESET, SMALL + overrides), out)
+
+
+@pytest.mark.slow
+def test_embedded_run_writes_every_artifact(tmp_path):
+    run_cli(tmp_path / "run")
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("initial_true_accuracy", "final_true_accuracy", "steps", "wall_seconds"):
+        assert summary[key] is not None, key
+    assert summary["steps"] == 2
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [0, 1]
+    for key in ("reward/mean", "label/accuracy", "label/agreement", "entropy/mean", "iqr/drop_rate", "kl/mean",
+                "response/length_mean", "accuracy/true", "time/rollout", "time/train", "train/grad_norm"):
+        assert key in records[-1], key
+    assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "entropy.png", "true_accuracy.png",
+                                                          "step_time.png", "kl.png"}
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_000002" / "complete.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    for which in ("policy", "momentum"):
+        AutoModelForCausalLM.from_pretrained(run / "hf" / which)  # loadable HF directories
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["srt", "ttrl", "gt", "intuitor"])
+def test_every_label_source_trains(tmp_path, source):
+    run_cli(tmp_path / source, f"reward.label_source={source}", "train.steps=1", "eval.prompts=0")
+    record = read_metrics(tmp_path / source)[0]
+    assert "label/agreement" not in record  # only mgrpo samples the momentum model
+    assert math.isfinite(record["train/loss"]) and record["iqr/kept"] > 0
+    if source == "gt":  # every prompt has a gold label
+        assert record["label/labelled"] == 1.0
+    if source == "ttrl":  # 4 prompts x the first ttrl_train_samples=4 of G=6 responses are trainable
+        assert record["iqr/kept"] <= 16
+    if source == "intuitor":  # self-certainty rewards are real numbers, not votes
+        assert record["reward/mean"] not in (0.0, 1.0) and record["reward/mean"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["TP=2", "PP=2"])
+def test_parallel_first_step_matches_tp1(tmp_path, tp, pp):
+    run_cli(tmp_path / "tp1", "train.steps=1", "eval.prompts=0")
+    overrides = ["train.steps=1", "eval.prompts=0", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    mp.start_processes(_spawned_train, args=(2, free_port(), overrides, tmp_path / "par"), nprocs=2,
+                       start_method="spawn")
+    single, parallel = read_metrics(tmp_path / "tp1")[0], read_metrics(tmp_path / "par")[0]
+    assert parallel["reward/mean"] == single["reward/mean"]  # identical samples
+    for key in ("train/loss", "train/grad_norm", "entropy/mean"):
+        assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = ["train.steps=4", "eval.interval=2"]
+    run_cli(tmp_path / "straight", *steps)
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(tmp_path / "killed"), *SMALL, *steps]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    marker = tmp_path / "killed" / "checkpoints" / "step_000002" / "complete.json"
+    deadline = time.time() + 600
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists()
+    run_cli(tmp_path / "killed", *steps)  # the same command again
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(straight, resumed):
+        for key in ("reward/mean", "train/loss", "train/grad_norm", "entropy/mean", "accuracy/true"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_gold_answers_never_reach_a_label_free_reward(tmp_path):
+    """The same prompts with true and with absurd gold answers: identical rewards and losses for
+    mgrpo; only the monitoring metric (pseudo-label accuracy) sees the difference."""
+    from megatron_mgrpo.data.synthetic import synthetic_prompts
+
+    records = synthetic_prompts("small_sums", 16, 0)
+    for name, gold in (("true", None), ("absurd", "\\pi^{99}")):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for r in records:
+                handle.write(json.dumps({"id": r.id, "question": r.question, "answer": gold or r.gold_answer}) + "\n")
+        run_cli(tmp_path / name, f"data.path={tmp_path / name}.jsonl", "train.steps=1", "eval.prompts=0")
+    true, absurd = read_metrics(tmp_path / "true")[0], read_metrics(tmp_path / "absurd")[0]
+    for key in ("reward/mean", "train/loss", "train/grad_norm"):
+        assert true[key] == absurd[key], key
+    assert absurd["label/accuracy"] == 0 and true["label/accuracy"] > 0
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_at_the_end_of_the_step_and_exits(tmp_path):
+    """Slurm's pre-preemption signal: a checkpoint of the finished step, a clean exit, then resume."""
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(run), *SMALL, "train.steps=30",
+               "checkpoint.interval=1000", "eval.prompts=0"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not read_metrics(run) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0] != "step_000030", saved
+    stopped_at = int(saved[0].split("_")[1])
+    assert [r["step"] for r in read_metrics(run)] == list(range(stopped_at))
+    run_cli(run, "train.steps=30", "checkpoint.interval=1000", "eval.prompts=0")
+    assert [r["step"] for r in read_metrics(run)] == list(range(30))
