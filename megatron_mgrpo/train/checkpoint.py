@@ -165,6 +165,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
             _copy_into(tensors, loaded[f"momentum_{_chunk_key(index, len(chunks))}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     if "rng_state" in state:
@@ -193,6 +194,20 @@ def _materialise_optimizer_state(optimizer) -> None:
         inner.zero_grad(set_to_none=True)
         for group, rate in zip(inner.param_groups, rates):
             group["lr"] = rate
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter's Adam state its own `step` tensor after a load.
+
+    Without apex / Transformer Engine, megatron-core 0.16.1 restores torch Adam's per-parameter
+    `step` as ONE tensor shared by all parameters; torch increments it in place once per
+    parameter, so after the first resumed step it counts steps x parameters and the bias
+    correction is wrong (a resumed run drifts from an uninterrupted one)."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        for state in inner.state.values() if inner is not None else ():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _copy_into(targets: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:

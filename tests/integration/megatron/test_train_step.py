@@ -153,3 +153,38 @@ def test_a_data_parallel_rank_without_sequences_still_steps():
         got = parallel[rank]["weights"]["policy"]
         if got:  # only global rank 0 yields the export
             assert all(torch.allclose(got[name], want[name], atol=1e-6) for name in want)
+
+
+def _resume(rank: int, world: int, port: int, run_dir: str, results) -> None:
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.train.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_mgrpo.train.policy import MegatronPolicy
+
+    init_distributed(launch=Launch(rank, world, rank, "127.0.0.1", port))
+    try:
+        hf_model, batch = tiny("qwen3"), sequences()
+        spec = model_spec_from_hf(hf_model.config)
+        straight = MegatronPolicy(spec, hf_model.state_dict(), config(1, 1))
+        for _ in range(2):
+            straight.train_step(batch, objective)
+        path = save_checkpoint(run_dir, 2, [straight.model], optimizer=straight.optimizer,
+                               scheduler=straight.scheduler, momentum=straight.momentum.state_dict())
+        resumed = MegatronPolicy(spec, hf_model.state_dict(), config(1, 1))
+        load_checkpoint(path, [resumed.model], optimizer=resumed.optimizer, scheduler=resumed.scheduler,
+                        momentum=resumed.momentum.state_dict())
+        for policy in (straight, resumed):
+            for _ in range(2):
+                policy.train_step(batch, objective)
+        results["equal"] = all(torch.equal(a, b) for a, b in zip(straight.module.parameters(),
+                                                                  resumed.module.parameters()))
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(tmp_path):
+    """Bit for bit, two steps after the load: Adam's moments, step counts and the LR schedule all resume."""
+    results = mp.Manager().dict()
+    mp.start_processes(_resume, args=(1, free_port(), str(tmp_path), results), nprocs=1, start_method="spawn")
+    assert results["equal"]
