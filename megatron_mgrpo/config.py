@@ -158,9 +158,10 @@ class TrainConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = option(0, "supervised steps on the builtin task's gold answers before RL, on a separate "
-                           "sample of the task (data.seed + 1); 0 skips it. The result is cached by its settings",
-                        ge=0)
+    steps: int = option(0, "supervised steps on gold answers of warmstart.task before RL (a sample drawn with "
+                           "data.seed + 1); 0 skips it. The result is cached by its settings", ge=0)
+    task: str = option("builtin:small_sums", "builtin:<task> the warm start learns from; its gold answers never "
+                                             "reach the RL prompts' rewards")
     batch_size: int = option(64, "sequences per supervised step", ge=1)
     lr: float = option(3e-3, "peak learning rate of the supervised steps (constant after warm-up)", gt=0.0)
 

@@ -3,7 +3,8 @@
 Label-free RL needs a policy that already gets some answers right: a vote over random strings
 labels nothing. The embedded default therefore first trains the tiny model with Megatron (the
 same `MegatronPolicy` and optimizer as RL, with a next-token objective) on gold answers of a
-*separate* sample of the builtin task (data.seed + 1), then saves it as an HF directory. The
+*separate* sample of a builtin task (`warmstart.task`, drawn with data.seed + 1; never the RL
+dataset, whose gold answers must not shape the policy), then saves it as an HF directory. The
 result is cached under a digest of everything that shapes it, so later runs skip it.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mgrpo.config import Config
+from megatron_mgrpo.config import Config, ConfigError
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
 
@@ -49,7 +50,7 @@ def sft_sequences(records: list[PromptRecord], tokenizer, render) -> TrainSequen
 
 def cache_key(cfg: Config, model_dir: Path) -> str:
     settings = {"model": model_dir.name, "warmstart": dataclasses.asdict(cfg.warmstart),
-                "data": [cfg.data.path, cfg.data.seed, cfg.data.template, cfg.data.few_shot],
+                "data": [cfg.data.builtin_size, cfg.data.seed, cfg.data.template, cfg.data.few_shot],
                 "seed": cfg.train.seed, "tokens": cfg.train.micro_batch_tokens}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -76,7 +77,10 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
         lr_warmup_steps=min(20, settings.steps // 10), updates_per_rollout=1, weight_decay=0.0))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    records = load_prompts_from_config(dataclasses.replace(cfg.data, seed=cfg.data.seed + 1)).records
+    if not settings.task.startswith("builtin:"):
+        raise ConfigError(f"warmstart.task={settings.task!r} must be a builtin:<task>: the warm start trains on "
+                         f"gold answers, so it never reads the RL dataset")
+    records = load_prompts_from_config(dataclasses.replace(cfg.data, path=settings.task, seed=cfg.data.seed + 1)).records
     render = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed).render
     policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp), hf_model.state_dict(),
                             sft_cfg, momentum=False, pad_id=tokenizer.pad_token_id)

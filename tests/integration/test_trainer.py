@@ -136,7 +136,8 @@ def test_gold_answers_never_reach_a_label_free_reward(tmp_path):
     true, absurd = read_metrics(tmp_path / "true")[0], read_metrics(tmp_path / "absurd")[0]
     for key in ("reward/mean", "train/loss", "train/grad_norm"):
         assert true[key] == absurd[key], key
-    assert absurd["label/accuracy"] == 0 and true["label/accuracy"] > 0
+    assert true["reward/mean"] > 0  # the vote labelled something, so the comparison has teeth
+    assert absurd["label/accuracy"] == 0  # gold is still read, but only by the monitoring metric
 
 
 @pytest.mark.slow
