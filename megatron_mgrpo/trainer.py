@@ -336,7 +336,9 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if rank0:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        model_dir = resolve_model_path(cfg.model.path)
+        # rank 0 writes a builtin model (transformers' save_pretrained writes weights only on rank 0
+        # of an initialised process group, so other ranks would publish a directory without them)
+        model_dir = _broadcast(resolve_model_path(cfg.model.path) if rank0 else None)
         if cfg.warmstart.steps:
             model_dir = warm_start(cfg, model_dir, default_cache_dir(), progress=say)
         trainer = Trainer(cfg, run_dir, model_dir, load_prompts_from_config(cfg.data).records, held_out_prompts(cfg))
