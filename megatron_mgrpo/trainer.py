@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.algo import (aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty,
-                                 policy_loss, trajectory_entropy)
+                                 policy_loss)
 from megatron_mgrpo.config import Config, to_yaml
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.reward.extract import extract_answer

@@ -13,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -65,6 +62,7 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
 
     from megatron_mgrpo.data.datasets import load_prompts_from_config
     from megatron_mgrpo.data.templates import PromptTemplate
+    from megatron_mgrpo.models.builtin import save_hf_directory
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.train.policy import MegatronPolicy
 
@@ -94,20 +92,6 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
     weights = dict(policy.hf_weights("policy"))
     if dist.get_rank() == 0:
         hf_model.load_state_dict(weights, strict=True)
-        _save_atomically(hf_model, tokenizer, target)
+        save_hf_directory(hf_model, tokenizer, target)
     dist.barrier()
     return target
-
-
-def _save_atomically(model, tokenizer, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():  # not a concurrent run that finished first: a real error
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -138,19 +138,27 @@ def materialize_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
     target = root / "models" / f"{name}-{_digest(spec)}"
     if target.is_dir():
         return target
+    tokenizer = build_tokenizer()
+    save_hf_directory(build_model(spec, tokenizer), tokenizer, target)
+    return target
+
+
+def save_hf_directory(model, tokenizer, target: Path) -> None:
+    """`save_pretrained` of model and tokenizer into `target`, published all at once: written into
+    a temporary sibling and renamed, so a reader (or a concurrent writer of the same cache entry)
+    never sees a half-written directory. Call it from one process only: in an initialised process
+    group, transformers writes the weights on rank 0 alone."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = build_tokenizer()
-        build_model(spec, tokenizer).save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.rename(staging, target)
     except OSError:
-        if not target.is_dir():  # another process did not win the race: a real error
+        if not target.is_dir():  # not a concurrent writer that finished first: a real error
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(path: str | Path, cache_dir: str | Path | None = None) -> Path:

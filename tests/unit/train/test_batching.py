@@ -1,7 +1,6 @@
 """Sequences, data-parallel shares and micro-batches under a token budget."""
 
 import pytest
-import torch
 from hypothesis import given, strategies as st
 
 from megatron_mgrpo.train.batching import (TrainSequences, collate, data_parallel_share, micro_batches,
