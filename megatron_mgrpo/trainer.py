@@ -266,18 +266,18 @@ class Trainer:
     def sync_weights(self, version: int) -> None:
         """Push the policy to the policy engines, and the momentum weights at their own interval.
 
-        Every rank walks the export (it gathers over TP); rank 0 hands the tensors to its engines."""
-        targets = [("policy", lambda: self.pools.policy if self.rank0 else None)]
-        if self.n and version % self.cfg.rollout.momentum_sync_interval == 0:
-            targets.append(("momentum", lambda: self.pools.momentum if self.rank0 else None))
-        for which, pool in targets:
-            weights = self.policy.hf_weights(which)
-            if pool() is None:
+        Every rank walks the export (it gathers over TP, EP and stages); rank 0 hands the tensors
+        to its engines."""
+        momentum_due = self.n and version % self.cfg.rollout.momentum_sync_interval == 0
+        names = ["policy", "momentum"] if momentum_due else ["policy"]
+        for name in names:
+            weights = self.policy.hf_weights(name)
+            if not self.rank0:
                 for _ in weights:
                     pass
-            else:
-                named = list(weights)
-                pool().update_weights(lambda: iter(named), version)
+                continue
+            named = list(weights)
+            getattr(self.pools, name).update_weights(lambda: iter(named), version)
 
     def close(self) -> None:
         if self.grader is not None:
