@@ -350,6 +350,7 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             start, state = loaded.step, loaded.common
             trainer.sync_weights(start)
             say(f"resumed from {checkpoint} (step {start})")
+        state["momentum_shard_mib"] = round(policy.momentum.nbytes / 2**20, 2)  # rank 0's fp32 EMA shards
         if rank0:
             sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
                                            wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg),
@@ -435,6 +436,7 @@ def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall
                "best_true_accuracy": max(accuracies) if accuracies else None,
                "final_reward": history[-1].get("reward/mean") if history else None,
                "collapse_alarm": bool(history and history[-1].get("alarm/collapse")),
+               "momentum_shard_mib": state.get("momentum_shard_mib"),
                "wall_seconds": round(wall_seconds, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

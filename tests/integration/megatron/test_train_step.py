@@ -188,3 +188,37 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(tmp_pa
     results = mp.Manager().dict()
     mp.start_processes(_resume, args=(1, free_port(), str(tmp_path), results), nprocs=1, start_method="spawn")
     assert results["equal"]
+
+
+def _step_save_then_step(rank: int, world: int, tp: int, port: int, run_dir: str, load: bool, results) -> None:
+    """One step (or a load of the checkpoint another layout saved after it), then the next step."""
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_mgrpo.train.policy import MegatronPolicy
+
+    init_distributed(tp=tp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    try:
+        hf_model, batch = tiny("qwen3"), sequences()
+        policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=tp), hf_model.state_dict(), config(tp, 1))
+        state = dict(optimizer=policy.optimizer, scheduler=policy.scheduler, momentum=policy.momentum.state_dict())
+        if load:
+            load_checkpoint(latest_checkpoint(run_dir), [policy.model], **state)
+        else:
+            policy.train_step(batch, objective)
+            save_checkpoint(run_dir, 1, [policy.model], **state)
+        results[rank] = policy.train_step(batch, objective)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_checkpoint_saved_at_tp2_resumes_at_tp1_with_the_same_next_step(tmp_path):
+    saved, resumed = mp.Manager().dict(), mp.Manager().dict()
+    mp.start_processes(_step_save_then_step, args=(2, 2, free_port(), str(tmp_path), False, saved), nprocs=2,
+                       start_method="spawn")
+    mp.start_processes(_step_save_then_step, args=(1, 1, free_port(), str(tmp_path), True, resumed), nprocs=1,
+                       start_method="spawn")
+    for name in ("loss", "grad_norm", "lr"):
+        assert resumed[0][name] == pytest.approx(saved[0][name], rel=1e-5), name
