@@ -173,10 +173,10 @@ class MegatronPolicy:
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         totals = _broadcast_from_last_stage(totals)
-        names = sorted(totals)
-        summed = torch.tensor([totals[name] for name in names], dtype=torch.float64)
-        dist.all_reduce(summed, group=ps.get_data_parallel_group())
-        totals = dict(zip(names, summed.tolist()))
+        if self.dp_size > 1:  # objects, not one tensor: a rank without sequences has no stat names
+            parts = [None] * self.dp_size
+            dist.all_gather_object(parts, totals, group=ps.get_data_parallel_group())
+            totals = {name: sum(part.get(name, 0.0) for part in parts) for name in set().union(*parts)}
         units = max(totals.pop("units", 0.0), 1.0)
         metrics = {name: value / units for name, value in totals.items()}
         return metrics | {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"]}
