@@ -80,11 +80,6 @@ def grade_prompts(answers: Sequence[Sequence[str | None]], golds: Sequence[str],
     return scores
 
 
-def encode_prompt(template: PromptTemplate, record: PromptRecord) -> list[int]:
-    """Token ids of the rendered prompt, encoded as training encodes it (the text is complete)."""
-    return template.tokenizer(template.render(record), add_special_tokens=False)["input_ids"]
-
-
 def evaluate_records(name: str, records: Sequence[PromptRecord], engine: RolloutEngine, template: PromptTemplate,
                      sampling: SamplingParams, k: int, grader: AnswerGrader, extraction: str = "strict",
                      batch_prompts: int = 32, progress=None) -> EvalResult:
@@ -97,7 +92,7 @@ def evaluate_records(name: str, records: Sequence[PromptRecord], engine: Rollout
     scores: list[PromptScore] = []
     for start in range(0, len(graded), batch_prompts):
         batch = graded[start:start + batch_prompts]
-        samples = engine.generate([encode_prompt(template, r) for r, _ in batch], k, sampling)
+        samples = engine.generate([template.encode(r) for r, _ in batch], k, sampling)
         answers = [[extract_answer(s.text, extraction) for s in samples[i * k:(i + 1) * k]] for i in range(len(batch))]
         scores += grade_prompts(answers, [gold for _, gold in batch], grader)
         if progress is not None:

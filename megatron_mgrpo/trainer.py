@@ -73,11 +73,11 @@ class Trainer:
         needs_reference = cfg.algo.kl_coef > 0 and cfg.algo.kl_reference == "initial"
         self.policy = MegatronPolicy(self.spec, hf_model.state_dict(), cfg, momentum=True,
                                      reference=needs_reference, pad_id=self.tokenizer.pad_token_id)
-        render = PromptTemplate(self.tokenizer, cfg.data.template, cfg.data.few_shot, prompts, cfg.data.seed).render
+        template = PromptTemplate(self.tokenizer, cfg.data.template, cfg.data.few_shot, prompts, cfg.data.seed)
         self.prompts = prompts
-        self.prompt_ids = [self.tokenizer(render(r), add_special_tokens=False)["input_ids"] for r in prompts]
+        self.prompt_ids = [template.encode(r) for r in prompts]
         self.eval_prompts = eval_prompts
-        self.eval_ids = [self.tokenizer(render(r), add_special_tokens=False)["input_ids"] for r in eval_prompts]
+        self.eval_ids = [template.encode(r) for r in eval_prompts]
         self.gold = {r.id: r.gold_answer for r in prompts}  # monitoring only, and label_source=gt
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed))
         self.pools = self.grader = self.labels = None

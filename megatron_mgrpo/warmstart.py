@@ -35,10 +35,10 @@ def sft_objective(batch: MicroBatch, logp: torch.Tensor):
     return loss, tokens, {}
 
 
-def sft_sequences(records: list[PromptRecord], tokenizer, render) -> TrainSequences:
-    tokens, prompts = [], []
+def sft_sequences(records: list[PromptRecord], template) -> TrainSequences:
+    tokenizer, tokens, prompts = template.tokenizer, [], []
     for record in records:
-        prompt = tokenizer(render(record), add_special_tokens=False)["input_ids"]
+        prompt = template.encode(record)
         answer = tokenizer(answer_text(record), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         tokens.append(prompt + answer)
         prompts.append(len(prompt))
@@ -79,14 +79,14 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
         raise ConfigError(f"warmstart.task={settings.task!r} must be a builtin:<task>: the warm start trains on "
                          f"gold answers, so it never reads the RL dataset")
     records = load_prompts_from_config(dataclasses.replace(cfg.data, path=settings.task, seed=cfg.data.seed + 1)).records
-    render = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed).render
+    template = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed)
     policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp), hf_model.state_dict(),
                             sft_cfg, momentum=False, pad_id=tokenizer.pad_token_id)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.train.seed))
     for step in range(settings.steps):
         picked = [records[int(order[(step * settings.batch_size + i) % len(records)])]
                   for i in range(settings.batch_size)]
-        metrics = policy.train_step(sft_sequences(picked, tokenizer, render), sft_objective)
+        metrics = policy.train_step(sft_sequences(picked, template), sft_objective)
         if step % 50 == 0 or step == settings.steps - 1:
             progress(f"warm start step {step + 1}/{settings.steps}: loss {metrics['loss']:.3f}")
     weights = dict(policy.hf_weights("policy"))

@@ -41,6 +41,10 @@ class PromptTemplate:
         pool = [e for e in self.examples if e.id != record.id and e.question != record.question]
         return random.Random(digest).sample(pool, self.few_shot)
 
+    def encode(self, record: PromptRecord) -> list[int]:
+        """Token ids of the rendered prompt; the text already holds every special token it needs."""
+        return self.tokenizer(self.render(record), add_special_tokens=False)["input_ids"]
+
     def render(self, record: PromptRecord) -> str:
         turns = [(e.question, _worked(e)) for e in self.shots(record)]
         if self.chat:

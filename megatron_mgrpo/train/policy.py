@@ -99,6 +99,11 @@ class MegatronPolicy:
             micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only,
             collect_non_loss_data=forward_only)
 
+    def _my_share(self, sequences: TrainSequences) -> tuple[list[int], list[MicroBatch]]:
+        """This data-parallel rank's sequence indices and their micro-batches."""
+        share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
+        return share, micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+
     def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, temperature: float):
         return vocab_parallel_logprobs_and_entropy(logits[:, :-1], batch.targets, self.spec.vocab_size, temperature)
 
@@ -106,26 +111,20 @@ class MegatronPolicy:
     def score(self, sequences: TrainSequences, temperature: float = 1.0, weights: str = "policy") -> Scores:
         """Response-token log-probs and entropies of all `sequences` under `weights` (policy,
         momentum or reference), returned on every rank."""
-        from megatron.core import parallel_state as ps
-
         def per_sequence(batch: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True):
             logprobs, entropy = self._logprobs(batch, logits, temperature)
             mask = batch.response_mask
             return [(index, logprobs[row][mask[row]], entropy[row][mask[row]])
                     for row, index in enumerate(batch.indices)]
 
-        share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
-        batches = micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+        share, batches = self._my_share(sequences)
         self.model.eval()
         with self._weights(weights):
             results = [item for out in self._run(batches, per_sequence, forward_only=True) for item in out]
         self.model.train()
         mine = {share[index]: (logprobs, entropy) for index, logprobs, entropy in results}
-        everything = _broadcast_from_last_stage(mine)
-        if self.dp_size > 1:
-            parts = [None] * self.dp_size
-            dist.all_gather_object(parts, everything, group=ps.get_data_parallel_group())
-            everything = {k: v for part in parts for k, v in part.items()}
+        parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(mine))
+        everything = {k: v for part in parts for k, v in part.items()}
         ordered = [everything[i] for i in range(len(sequences))]
         return Scores([lp for lp, _ in ordered], [h for _, h in ordered])
 
@@ -149,8 +148,6 @@ class MegatronPolicy:
     def train_step(self, sequences: TrainSequences, objective: Objective, temperature: float = 1.0) -> dict[str, float]:
         """Forward-backward of `objective` over all `sequences` (split over DP ranks), then one
         optimizer step. Returns loss, the objective's stats (unit-weighted), grad_norm and lr."""
-        from megatron.core import parallel_state as ps
-
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logprobs, _ = self._logprobs(batch, logits, temperature)
             loss, units, stats = objective(batch, logprobs)
@@ -158,8 +155,7 @@ class MegatronPolicy:
             return loss * units, units, {"loss": loss.detach() * units, "units": units, **{
                 name: torch.as_tensor(value, dtype=torch.float32) * units for name, value in stats.items()}}
 
-        share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
-        batches = micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+        share, batches = self._my_share(sequences)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, loss_func, forward_only=False)
@@ -172,11 +168,9 @@ class MegatronPolicy:
         for out in outputs:
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-        totals = _broadcast_from_last_stage(totals)
-        if self.dp_size > 1:  # objects, not one tensor: a rank without sequences has no stat names
-            parts = [None] * self.dp_size
-            dist.all_gather_object(parts, totals, group=ps.get_data_parallel_group())
-            totals = {name: sum(part.get(name, 0.0) for part in parts) for name in set().union(*parts)}
+        # objects, not one tensor: a rank without sequences has no stat names
+        parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(totals))
+        totals = {name: sum(part.get(name, 0.0) for part in parts) for name in set().union(*parts)}
         units = max(totals.pop("units", 0.0), 1.0)
         metrics = {name: value / units for name, value in totals.items()}
         return metrics | {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"]}
@@ -191,6 +185,18 @@ class MegatronPolicy:
         (every rank must walk the iterator: it gathers over TP, EP and pipeline stages)."""
         local = self.module.state_dict() if which == "policy" else self._shadow(which).state_dict()
         return export_hf_weights(local, self.spec, collect_stages=True)
+
+
+def _from_every_data_parallel_rank(value) -> list:
+    """`value` of every data-parallel rank of this model shard, in rank order."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_data_parallel_world_size()
+    if size == 1:
+        return [value]
+    parts = [None] * size
+    dist.all_gather_object(parts, value, group=ps.get_data_parallel_group())
+    return parts
 
 
 def _broadcast_from_last_stage(value):
