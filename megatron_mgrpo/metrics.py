@@ -46,7 +46,7 @@ PLOTS = (
     ("iqr_drop_rate", "IQR filter drop rate", ("iqr/drop_rate",), "fraction dropped"),
     ("kl", "KL to reference", ("kl/mean",), "KL"),
     ("response_length", "Response length", ("response/length_mean",), "tokens"),
-    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "alarm/collapse"), "value"),
+    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "kl/mean", "alarm/collapse"), "value"),
 )
 
 
@@ -306,50 +306,65 @@ class CollapseAlarm(NamedTuple):
     reasons: list[str]
 
 
-def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, min_signals: int = 2,
-                   share_ceiling: float = 0.95, entropy_ratio: float = 0.5, length_ratio: float = 0.6,
-                   agreement_floor: float = 0.5) -> CollapseAlarm:
+def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, kl_ceiling: float = 0.2,
+                   agreement_drop: float = 0.2) -> CollapseAlarm:
     """Early warning of self-reward collapse from label-free signals only (gold is never read).
 
-    Self-rewarding RL collapses by agreeing with itself: votes become unanimous, the policy
-    becomes certain and its answers shrink, and it drifts away from the slow momentum model.
-    The rule compares the mean of the last `window` steps ("recent") with the mean of the
-    first `window` steps of the history ("baseline": the run before it could have collapsed),
-    and checks four signals:
+    Self-rewarding RL has no outside check: whatever the policy's own majority says is rewarded,
+    so every step pushes the policy further the way it already leans, right or wrong. What
+    gives a collapse away without labels is how far the policy walks from where it started.
+    The alarm fires when either of two signals fires:
 
-    - unanimity: recent `label/share_mean` >= `share_ceiling` (0.95) while the baseline was
-      below it: votes went from contested to near-unanimous;
-    - entropy: recent `entropy/mean` < `entropy_ratio` (0.5) x baseline;
-    - length: recent `response/length_mean` < `length_ratio` (0.6) x baseline;
-    - anchor drift: recent `label/agreement` (policy-only vote = momentum-only vote) <
-      `agreement_floor` (0.5) while the baseline was at or above it. Runs without a momentum
-      model do not log it and are judged on the other three.
+    - drift: the median of `kl/mean` over the last `window` (10) steps >= `kl_ceiling` (0.2
+      nats/token). `kl/mean` estimates the KL from the policy to the initial (warm-started)
+      policy on the step's training responses. On a task the warm start partly solves, the
+      right answers were already likely under it, so learning them costs little KL, while
+      reinforcing its own wrong majorities moves probability onto answers it found unlikely.
+      The median ignores a single step's spike (with a few prompts a step `kl/mean` is noisy).
+    - anchor split (M-GRPO only): the mean of `label/agreement` (the fraction of prompts where
+      the policy's own vote equals the momentum model's) over the last `window` steps is at
+      least `agreement_drop` (0.2) below its mean over the first `window` steps. The momentum
+      model is a slow average of the policy: when the policy runs away, their votes part.
+      With 8 prompts a step the difference of two 10-step means has a standard error of about
+      0.08. This signal also works without `kl/mean` (`algo.kl_coef=0` does not log it).
 
-    The alarm fires when at least `min_signals` (2) signals fire: a single signal also
-    happens in healthy learning (a task that becomes easy gives unanimous votes; entropy
-    falls as the policy sharpens). With fewer than 2 x `window` steps there is no judgement.
+    Drift is judged once `window` steps are in (KL is 0 at the start by construction); the
+    anchor split needs 2 x `window` steps, for a baseline and a recent window that do not
+    overlap. With less history there is no judgement. `kl/mean` measures drift only with the
+    default `algo.kl_reference=initial`; with `momentum` it is the lag behind the momentum
+    model, smaller, and drift fires late or not at all.
+
+    Calibrated on one tiny-task experiment (benchmarks/collapse: builtin:small_sums,
+    tiny-qwen3, 3 seeds; `alarm_replay.py` replays this rule over its runs): take the
+    thresholds as a starting point elsewhere. There the 10-step KL median of the gold-label
+    runs never exceeded 0.08, and that of every SRT run crossed 0.2 between steps 21 and 37
+    while its true accuracy fell. Other logged signals did not separate collapse from
+    learning there, so the rule does not read them. Vote share and entropy move the same way
+    when the policy learns (a gold-label seed halved its entropy while its accuracy rose to
+    0.9), and both barely moved in the SRT seed that fell from 0.81 to 0.06 accuracy. Response
+    length and answer rate stayed flat (the answer is a ~6-token boxed number), and grad norm
+    was noisy. `reward/mean` is not read because under `reward.label_source=gt` it comes from gold.
     """
-    if len(history) < 2 * window:
+    if len(history) < window:
         return CollapseAlarm(False, [])
-    baseline, recent = history[:window], history[-window:]
-
-    def means(key: str) -> tuple[float, float] | None:
-        before, after = _mean(baseline, key), _mean(recent, key)
-        return None if before is None or after is None else (before, after)
-
+    recent = history[-window:]
     reasons = []
-    if (share := means("label/share_mean")) and share[1] >= share_ceiling > share[0]:
-        reasons.append(f"vote share rose to {share[1]:.2f} from {share[0]:.2f} (unanimity >= {share_ceiling})")
-    if (entropy := means("entropy/mean")) and entropy[1] < entropy_ratio * entropy[0]:
-        reasons.append(f"entropy fell to {entropy[1]:.3g} from {entropy[0]:.3g} (< {entropy_ratio} x baseline)")
-    if (length := means("response/length_mean")) and length[1] < length_ratio * length[0]:
-        reasons.append(f"response length fell to {length[1]:.3g} from {length[0]:.3g} (< {length_ratio} x baseline)")
-    if (agree := means("label/agreement")) and agree[1] < agreement_floor <= agree[0]:
-        reasons.append(f"policy/momentum vote agreement fell to {agree[1]:.2f} from {agree[0]:.2f} "
-                       f"(< {agreement_floor})")
-    return CollapseAlarm(len(reasons) >= min_signals, reasons)
+    kl = _values(recent, "kl/mean")
+    if kl and (drift := statistics.median(kl)) >= kl_ceiling:
+        reasons.append(f"KL to the initial policy reached {drift:.3g} nats/token "
+                       f"({window}-step median >= {kl_ceiling})")
+    if len(history) >= 2 * window:
+        before, after = _mean(history[:window], "label/agreement"), _mean(recent, "label/agreement")
+        if before is not None and after is not None and after <= before - agreement_drop:
+            reasons.append(f"policy/momentum vote agreement fell to {after:.2f} from {before:.2f} "
+                           f"(drop >= {agreement_drop})")
+    return CollapseAlarm(bool(reasons), reasons)
+
+
+def _values(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 def _mean(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    values = [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    values = _values(records, key)
     return statistics.fmean(values) if values else None

@@ -32,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from alarm_replay import replay  # noqa: E402  (this directory, on the path when run as a script)
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -141,7 +142,7 @@ def spread(values: list[float], signed: bool = False) -> str:
 def table(results: dict[str, list[dict]]) -> list[str]:
     """One row per method: accuracies as mean (min to max) over seeds."""
     return ["| method | seeds | initial acc. | best acc. during RL | final acc. | final - initial | final pseudo-label acc. | "
-            "final vote share | final entropy | alarm fired (any step / at end) |",
+            "final vote share | final entropy | alarm fired (runs; first step) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *[row(method, runs) for method, runs in results.items()]]
 
@@ -160,11 +161,11 @@ def row(method: str, runs: list[dict]) -> str:
 
     change = spread([s["final_true_accuracy"] - s["initial_true_accuracy"] for s in summaries], signed=True)
     labels = "gold | gold" if method == "gt" else f"{final('label/accuracy')} | {final('label/share_mean')}"
-    fired = sum(any(x.get("alarm/collapse") for x in r["records"]) for r in runs)
-    at_end = sum(s["collapse_alarm"] for s in summaries)
+    firsts = [replay(r["records"])[0] for r in runs]  # today's rule, also over runs recorded before it changed
+    fired = [step for step in firsts if step is not None]
     return (f"| {method} | {len(runs)} | {accuracy('initial_true_accuracy')} | {accuracy('best_true_accuracy')} | "
             f"{accuracy('final_true_accuracy')} | {change} | {labels} | {final('entropy/mean')} | "
-            f"{fired}/{len(runs)} / {at_end}/{len(runs)} |")
+            f"{len(fired)}/{len(runs)}; {', '.join(map(str, fired)) or '-'} |")
 
 
 def machine() -> str:
@@ -192,7 +193,8 @@ def write_report(results: dict[str, list[dict]], args, path: Path) -> None:
         "True accuracy is pass@1 on 128 held-out prompts, 4 samples each at temperature 1.0, every "
         "10 steps and before the first step (gold answers are used only to measure it). Values are "
         "mean (min to max) over seeds; the pseudo-label accuracy, vote share and entropy columns are "
-        "means over each run's last 10 steps. The alarm is `megatron_mgrpo.metrics.collapse_alarm`.", "",
+        "means over each run's last 10 steps. The alarm is `megatron_mgrpo.metrics.collapse_alarm`, replayed "
+        "step by step over each run's records (`alarm_replay.py`).", "",
         *table(results), "",
         f"Runs missing: {', '.join(missing) if missing else 'none'}. Wall time per run: "
         f"{min(walls, default=0):.0f}-{max(walls, default=0):.0f} s ({args.jobs} runs at a time).", "",
