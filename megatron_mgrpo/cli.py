@@ -162,7 +162,8 @@ def _add_import_gguf_parser(commands) -> None:
 def _convert_hf_to_megatron(args: argparse.Namespace) -> int:
     from megatron_mgrpo.convert import hf_to_megatron_dir
 
-    print(f"Megatron checkpoint written to {hf_to_megatron_dir(args.hf, args.out, tp=args.tp, pp=args.pp)}")
+    out = hf_to_megatron_dir(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep)
+    print(f"Megatron checkpoint written to {out}")
     return 0
 
 
@@ -184,15 +185,17 @@ def _add_convert_parser(commands) -> None:
         description="Check the HF directory completely (architecture, settings, every tensor's name and shape, "
                     "tokenizer size, tied embeddings) before writing anything, then stream the safetensors "
                     "layer by layer into OUT/checkpoints/step_000000 (HF config and tokenizer in its hf/). "
-                    "The checkpoint loads under any TP / PP layout.")
+                    "The checkpoint loads under any TP / PP / EP layout; TP x PP x EP processes write it.")
     to_megatron.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors weights)")
     to_megatron.add_argument("--out", required=True, help="run directory to write the checkpoint into")
     to_megatron.add_argument("--tp", type=_positive(int), default=1, help="tensor-parallel ranks that write it")
     to_megatron.add_argument("--pp", type=_positive(int), default=1, help="pipeline stages that write it")
+    to_megatron.add_argument("--ep", type=_positive(int), default=1,
+                             help="expert-parallel ranks that write it (MoE models; must divide the experts)")
     to_megatron.set_defaults(run=_convert_hf_to_megatron)
     to_hf = actions.add_parser(
         "megatron-to-hf", help="distributed checkpoint -> HF directory (policy or momentum weights)",
-        description="Load a checkpoint saved at any TP / PP layout in one process and write config.json, "
+        description="Load a checkpoint saved at any TP / PP / EP layout in one process and write config.json, "
                     "safetensors shards (with model.safetensors.index.json when sharded) and the tokenizer.")
     to_hf.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its newest one)")
     to_hf.add_argument("--out", required=True, help="output Hugging Face directory")

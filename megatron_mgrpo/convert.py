@@ -4,11 +4,15 @@ hf -> megatron: the HF directory is checked completely first (architecture and s
 `model_spec_from_hf`, the layout, then every tensor name and shape in the safetensors headers
 against the model that config.json describes, the tokenizer against the vocabulary, tied
 embeddings), so a mismatch fails before anything is written. Then each rank of the requested
-TP x PP layout builds its stage and fills it from the safetensors files one layer at a time
-(peak memory: the stage plus one layer's full tensors), and all ranks write a distributed
-checkpoint at step 0 (`train.checkpoint`), with the HF config and tokenizer files in its `hf/`.
+TP x PP x EP layout (tp * pp * ep processes; the EP ranks of a MoE model are its data-parallel
+ranks, each holding num_experts / ep experts of every layer) builds its stage and fills it from
+the safetensors files one layer at a time (peak memory: the stage plus one layer's full tensors),
+and all ranks write a distributed checkpoint at step 0 (`train.checkpoint`), with the HF config
+and tokenizer files in its `hf/`. The layout only decides which processes write which shards:
+megatron-core stores every tensor by its global identity (an expert by its global index), so the
+checkpoint loads under any TP / PP / EP layout.
 
-megatron -> hf: one process loads the checkpoint at TP = PP = 1 (dist_checkpointing reshards
+megatron -> hf: one process loads the checkpoint at TP = PP = EP = 1 (dist_checkpointing reshards
 whatever layout saved it), the policy weights or the momentum copy, exports them with the same
 generator that feeds the rollout engines, and writes safetensors shards, the index, config.json
 and the tokenizer files.
@@ -21,14 +25,20 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-#: The config fields that determine a tensor's shape, by the tensor's name.
+#: The config fields that determine a tensor's shape, by the tensor's name (the first key it contains).
 SHAPE_FIELDS = (("embed_tokens", "vocab_size, hidden_size"), ("lm_head", "vocab_size, hidden_size"),
                 ("q_proj", "num_attention_heads, head_dim, hidden_size"),
                 ("o_proj", "num_attention_heads, head_dim, hidden_size"),
                 ("k_proj", "num_key_value_heads, head_dim, hidden_size"),
                 ("v_proj", "num_key_value_heads, head_dim, hidden_size"),
-                ("_norm", "head_dim / hidden_size"), ("mlp.", "intermediate_size, hidden_size"),
+                ("_norm", "head_dim / hidden_size"),
+                ("experts.", "moe_intermediate_size (qwen3_moe) / intermediate_size (mixtral), hidden_size"),
+                (".gate.", "num_local_experts / num_experts, hidden_size"),
+                ("mlp.", "intermediate_size, hidden_size"),
                 ("layernorm", "hidden_size"))
+#: The config.json fields that hold the number of experts: transformers writes the first and reads
+#: both (released Qwen3-MoE configs have the second).
+EXPERTS_FIELDS = ("num_local_experts", "num_experts")
 
 
 class ConversionError(ValueError):
@@ -75,7 +85,7 @@ class SafetensorsDir(Mapping):
         return shapes
 
 
-def check_hf_dir(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
+def check_hf_dir(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1):
     """The ModelSpec of a convertible HF directory, or a ConversionError naming what does not fit."""
     from megatron_mgrpo.models.hf_config import model_spec_from_hf, transformer_config
 
@@ -88,7 +98,8 @@ def check_hf_dir(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
     config = json.loads(config_path.read_text())
     try:
         spec = model_spec_from_hf(config, tp=tp)
-        transformer_config(spec, tp=tp, pp=pp)
+        _check_ep(spec, ep, config, config_path)
+        transformer_config(spec, tp=tp, pp=pp, ep=ep)
     except (ValueError, StrictDataclassError) as err:  # transformers' own validation raises the latter
         raise ConversionError(f"{config_path}: {err}") from err
     _check_tensors(SafetensorsDir(hf_dir), config, spec)
@@ -96,16 +107,34 @@ def check_hf_dir(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
     return spec
 
 
+def _check_ep(spec, ep: int, config: dict, config_path: Path) -> None:
+    """EP splits the experts of every MoE layer evenly over `ep` ranks; a dense model has none to split.
+
+    Checked here, with the CLI's option name, before `transformer_config` would name the training
+    config's `parallel.ep`.
+    """
+    if ep > 1 and not spec.num_experts:
+        raise ValueError(f"--ep {ep} splits the experts of a MoE model, and model_type={spec.model_type} in "
+                         f"{config_path.name} is dense: use --ep 1")
+    if spec.num_experts % ep:
+        field = next((key for key in EXPERTS_FIELDS if key in config), EXPERTS_FIELDS[0])
+        divisors = [str(n) for n in range(1, spec.num_experts + 1) if spec.num_experts % n == 0]
+        raise ValueError(f"--ep {ep} must divide the number of experts, {field}={spec.num_experts} in "
+                         f"{config_path.name}: use --ep {', '.join(divisors)}")
+
+
 def _check_tensors(tensors: SafetensorsDir, config: dict, spec) -> None:
     """Names and shapes in the files against the HF model that config.json describes.
 
-    MoE families are left to the conversion itself: transformers keeps their experts fused in
-    memory (one `gate_up_proj` per layer) while checkpoints store one tensor per expert, so a model
-    built from the config cannot name a MoE checkpoint's tensors. For them a missing tensor or a
-    wrong shape fails in the weight map or the parameter copy, still before anything is written.
+    MoE models keep their experts fused in memory (one `gate_up_proj` per layer) while checkpoints
+    store one tensor per expert: the expected names are the model's split by `checkpoint_layout`.
+    Checking every expert here matters most under EP, where each rank fills in only its own
+    experts and a missing one would fail inside one spawned process rather than with this error.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_mgrpo.models.weight_map import checkpoint_layout
 
     found = tensors.shapes()
     if spec.tied_embeddings and "lm_head.weight" in found:  # a file may repeat the tied head, but equal
@@ -113,11 +142,9 @@ def _check_tensors(tensors: SafetensorsDir, config: dict, spec) -> None:
             raise ConversionError("tie_word_embeddings=true in config.json, but lm_head.weight differs from "
                                   "model.embed_tokens.weight: set tie_word_embeddings=false")
         found.pop("lm_head.weight")
-    if spec.num_experts:
-        return
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in checkpoint_layout(reference.state_dict(), spec).items()}
     if spec.tied_embeddings:
         expected.pop("lm_head.weight", None)
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
@@ -145,14 +172,16 @@ def _check_tokenizer(hf_dir: Path, spec) -> None:
                               f"the embedding needs a row for every token")
 
 
-def hf_to_megatron_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1) -> Path:
-    """Convert after `check_hf_dir`; returns the step-0 checkpoint directory under `out_dir`."""
+def hf_to_megatron_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+                       ep: int = 1) -> Path:
+    """Convert after `check_hf_dir` on tp * pp * ep ranks; returns the step-0 checkpoint directory
+    under `out_dir`."""
     from megatron_mgrpo.train.checkpoint import checkpoint_dir, complete_checkpoints
 
-    check_hf_dir(hf_dir, tp=tp, pp=pp)
+    check_hf_dir(hf_dir, tp=tp, pp=pp, ep=ep)
     if complete_checkpoints(out_dir):
         raise ConversionError(f"{out_dir} already holds checkpoints: choose a new --out directory")
-    _run_ranks(_convert_rank, tp * pp, tp, pp, str(hf_dir), str(out_dir))
+    _run_ranks(_convert_rank, tp * pp * ep, tp, pp, ep, str(hf_dir), str(out_dir))
     return checkpoint_dir(out_dir, 0)
 
 
@@ -168,7 +197,7 @@ def _run_ranks(fn, world: int, *args) -> None:
     mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, start_method="spawn")
 
 
-def _convert_rank(rank: int, world: int, port: int, tp: int, pp: int, hf_dir: str, out_dir: str) -> None:
+def _convert_rank(rank: int, world: int, port: int, tp: int, pp: int, ep: int, hf_dir: str, out_dir: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
@@ -176,11 +205,11 @@ def _convert_rank(rank: int, world: int, port: int, tp: int, pp: int, hf_dir: st
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
     from megatron_mgrpo.train.checkpoint import save_checkpoint
 
-    init_distributed(tp=tp, pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    init_distributed(tp=tp, pp=pp, ep=ep, launch=Launch(rank, world, rank, "127.0.0.1", port))
     try:
         spec = model_spec_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()), tp=tp)
         stage = ps.get_pipeline_model_parallel_rank()
-        model = build_gpt_model(spec, tp=tp, pp=pp, pre_process=stage == 0, post_process=stage == pp - 1)
+        model = build_gpt_model(spec, tp=tp, pp=pp, ep=ep, pre_process=stage == 0, post_process=stage == pp - 1)
         load_stage_layer_by_layer(model, SafetensorsDir(hf_dir), spec)
         save_checkpoint(out_dir, 0, model, keep_last=None, files_from=hf_dir,
                         common={"converted_from": str(Path(hf_dir).resolve())})
@@ -193,9 +222,9 @@ def load_stage_layer_by_layer(model, tensors: Mapping, spec) -> None:
 
     `hf_to_megatron` cuts one pipeline stage; asked for "stage `layer` of `num_layers`" it cuts
     exactly one layer (plus the embedding with layer 0 and the final norm and head with the last
-    one), so only that layer's tensors are read from `tensors`. Every weight of the stage must be
-    filled exactly once; names the stage lacks (the tied head's copy, which only a pipeline's
-    last stage holds) are skipped.
+    one), so only that layer's tensors are read from `tensors`; of a MoE layer the map gives only
+    this EP rank's experts. Every weight of the stage must be filled exactly once; names the stage
+    lacks (the tied head's copy, which only a pipeline's last stage holds) are skipped.
     """
     import torch
     from megatron.core import parallel_state as ps
@@ -209,7 +238,8 @@ def load_stage_layer_by_layer(model, tensors: Mapping, spec) -> None:
     for local, layer in enumerate(layers):
         one = hf_to_megatron(tensors, spec, tp_rank=ps.get_tensor_model_parallel_rank(),
                              tp_size=ps.get_tensor_model_parallel_world_size(), pp_rank=layer,
-                             pp_size=spec.num_layers, fused_norms=fused_norms)
+                             pp_size=spec.num_layers, ep_rank=ps.get_expert_model_parallel_rank(),
+                             ep_size=ps.get_expert_model_parallel_world_size(), fused_norms=fused_norms)
         for name, tensor in one.items():
             name = name.replace("decoder.layers.0.", f"decoder.layers.{local}.", 1)
             if name in params:

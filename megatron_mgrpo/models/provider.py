@@ -38,7 +38,14 @@ def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, p
     else:
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm",
                                                               **experts)
-    return GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process, **gpt_model_kwargs(spec))
+    model = GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process, **gpt_model_kwargs(spec))
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            # megatron marks experts (allreduce=False) only at EP > 1, so at EP = 1 the optimizer is
+            # not split into a dense and an expert part and its state would not reshard to EP > 1;
+            # at EP = 1 the expert data-parallel group is the data-parallel group, so nothing else changes
+            param.allreduce = False
+    return model
 
 
 def load_hf_weights(model: torch.nn.Module, hf: dict[str, torch.Tensor], spec: ModelSpec) -> None:

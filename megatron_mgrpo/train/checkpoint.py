@@ -2,8 +2,10 @@
 
 A checkpoint holds the model's sharded state, optionally the optimizer's and the momentum (EMA)
 shards, and common state (step, scheduler, data position: whatever the trainer passes) plus the
-RNG states. Tensors are stored by their global identity (ShardedTensor keys and offsets), so a
-checkpoint saved under one TP / PP layout loads under another: dist_checkpointing reshards.
+RNG states. Tensors are stored by their global identity (ShardedTensor keys and offsets; a MoE
+expert by its global index), so a checkpoint saved under one TP / PP / EP layout loads under
+another: dist_checkpointing reshards (also a MoE model's optimizer state between EP=1 and EP>1:
+`models.provider.build_gpt_model` marks experts as expert-parallel at every EP size).
 
 Layout: `<run>/checkpoints/step_000123/`. Every rank writes into `step_000123.tmp-<pid>` first;
 after a barrier rank 0 writes the completion marker and renames the directory, and only then
@@ -130,10 +132,11 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
                     load_model: bool = True, restore_rng: bool = True) -> LoadedCheckpoint:
     """Load a complete checkpoint into `model_chunks` (and `optimizer`, `momentum`) in place.
 
-    Works under any TP / PP layout whose model has the same global tensors. `momentum` tensors
-    are filled in place; `load_model=False` loads only the other parts (e.g. the momentum straight
-    into the model's own parameters for an export). RNG states are restored only when the layout
-    (world size, TP, PP) equals the saved one, since they are per rank.
+    Works under any TP / PP / EP layout whose model has the same global tensors. `momentum`
+    tensors are filled in place; `load_model=False` loads only the other parts (e.g. the momentum
+    straight into the model's own parameters for an export). RNG states are restored only when the
+    layout (world size, TP, PP, EP) equals the saved one, since they are per rank (megatron seeds
+    the experts' stream by EP rank).
     """
     from megatron.core import dist_checkpointing
 
@@ -251,7 +254,8 @@ def _layout(num_chunks: int) -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
     return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size(), "chunks": num_chunks}
+            "pp": ps.get_pipeline_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "chunks": num_chunks}
 
 
 def _model_state(chunks: list, momentum: list[Mapping[str, torch.Tensor]] | None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""`mgrpo convert`: HF -> Megatron (any layout) -> HF is bit-exact through the CLI, the exported
-directory loads in transformers with the same logits, the momentum copy exports, and the config
-check rejects a mismatching directory before writing anything."""
+"""`mgrpo convert`: HF -> Megatron (any TP / PP / EP layout) -> HF is bit-exact through the CLI,
+the exported directory loads in transformers with the same logits, the momentum copy exports, and
+the config check rejects a mismatching directory or layout before writing anything."""
 
 import json
 import subprocess
@@ -41,17 +41,21 @@ def _assert_same_files(original: Path, exported: Path, scale: float = 1.0) -> No
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind, tied, tp, pp", [("qwen3", False, 2, 1), ("qwen3", True, 1, 2), ("qwen2", False, 1, 1),
-                                                ("qwen3_moe", False, 2, 1)])
-def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path, tokenizer, kind, tied, tp, pp):
+@pytest.mark.parametrize("kind, tied, tp, pp, ep", [
+    ("qwen3", False, 2, 1, 1), ("qwen3", True, 1, 2, 1), ("qwen2", False, 1, 1, 1), ("qwen3_moe", False, 2, 1, 1),
+    # written by 2 EP ranks of 2 experts each, exported at EP=1: every expert back under its HF name
+    # (Mixtral's expert names under EP: the unit tests of the weight map and the checks below)
+    ("qwen3_moe", False, 1, 1, 2),
+])
+def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path, tokenizer, kind, tied, tp, pp, ep):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     original = _hf_dir(tmp_path / "hf", tokenizer, kind, tied)
     _mgrpo("convert", "hf-to-megatron", "--hf", str(original), "--out", str(tmp_path / "run"),
-           "--tp", str(tp), "--pp", str(pp))
+           "--tp", str(tp), "--pp", str(pp), "--ep", str(ep))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000000"
     assert (ckpt / "complete.json").is_file() and (ckpt / "hf" / "config.json").is_file()
-    assert len(list(ckpt.glob("*.distcp"))) >= tp * pp  # every rank of the layout wrote its shard
+    assert len(list(ckpt.glob("*.distcp"))) >= tp * pp * ep  # every rank of the layout wrote its shard
     _mgrpo("convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "back"),
            "--max-shard-size", "100KB")
     exported = tmp_path / "back"
@@ -110,4 +114,42 @@ def test_config_check_names_the_field_before_writing(tmp_path, tokenizer, capsys
     out = tmp_path / "out"
     assert main(["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(out), "--pp", str(pp)]) == 2
     assert field in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, released_names, ep, message", [
+    ("qwen3", False, 2, "--ep 2 splits the experts of a MoE model, and model_type=qwen3 in config.json is dense: "
+                        "use --ep 1"),
+    ("mixtral", False, 8, "--ep 8 must divide the number of experts, num_local_experts=4 in config.json: "
+                          "use --ep 1, 2, 4"),
+    ("qwen3_moe", True, 3, "--ep 3 must divide the number of experts, num_experts=4 in config.json: use --ep 1, 2, 4"),
+])
+def test_ep_check_names_the_option_before_writing(tmp_path, tokenizer, capsys, kind, released_names, ep, message):
+    hf = _hf_dir(tmp_path / "hf", tokenizer, kind)
+    if released_names:  # transformers writes num_local_experts; released Qwen3-MoE configs say num_experts
+        config = json.loads((hf / "config.json").read_text())
+        config["num_experts"] = config.pop("num_local_experts")
+        (hf / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(out), "--ep", str(ep)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, drop, field", [
+    ("qwen3_moe", "model.layers.1.mlp.experts.3.up_proj.weight", "experts.3.up_proj"),
+    ("mixtral", "model.layers.0.block_sparse_moe.gate.weight", "block_sparse_moe.gate"),
+])
+def test_tensor_check_covers_every_expert(tmp_path, tokenizer, capsys, kind, drop, field):
+    """Each EP rank reads only its own experts: a missing one must fail the check, not one rank."""
+    from safetensors.torch import save_file
+
+    hf = _hf_dir(tmp_path / "hf", tokenizer, kind)
+    tensors = SafetensorsDir(hf)
+    kept = {name: tensors[name] for name in tensors if name != drop}
+    save_file(kept, hf / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(out), "--ep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "missing [" in err and field in err
     assert not out.exists()
