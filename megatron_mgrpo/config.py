@@ -64,6 +64,13 @@ class ParallelConfig:
 class RolloutConfig:
     engine: str = option("hf", "rollout engine: in-process transformers, or a vLLM / SGLang server",
                          choices=("hf", "vllm", "sglang"))
+    weight_sync: str = option("auto", "how new weights reach SGLang servers started elsewhere (mgrpo launch): disk = "
+                                      "a safetensors file per push (under the run directory for other hosts), "
+                                      "distributed = an NCCL group of trainer rank 0 and each engine's GPUs, no "
+                                      "files; auto = distributed when launch.placement=disaggregated and "
+                                      "rollout.engine=sglang, else disk. vLLM, the in-process engine and SGLang "
+                                      "servers the trainer starts itself ignore it",
+                              choices=("auto", "disk", "distributed"))
     group_size: int = option(32, "G: samples per prompt (policy + momentum)", ge=2)
     momentum_samples: int = option(8, "N: samples drawn from the momentum model per prompt when "
                                       "reward.label_source=mgrpo (paper: G/4); other label sources "
@@ -153,6 +160,8 @@ class TrainConfig:
     weight_decay: float = option(0.01, "AdamW weight decay", ge=0.0)
     grad_clip: float = option(1.0, "global gradient-norm clip; 0 disables it", ge=0.0)
     micro_batch_tokens: int = option(16384, "token budget of one forward/backward micro-batch", ge=1)
+    routing_replay: bool = option(False, "MoE: every trainer forward uses the experts the rollout engine chose "
+                                         "for each token (needs rollout.engine hf or sglang, which report them)")
     seed: int = option(1234, "global random seed")
 
 
@@ -357,6 +366,19 @@ def validate(cfg: Config) -> None:
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}: "
                           f"the schedule decays from lr to min_lr")
+    if cfg.train.routing_replay and cfg.rollout.engine == "vllm":
+        raise ConfigError("train.routing_replay=true needs the engine's expert choices, which rollout.engine=vllm "
+                          "does not report: use rollout.engine=sglang (or hf), or train.routing_replay=false")
+    if cfg.rollout.weight_sync == "distributed" and cfg.rollout.engine != "sglang":
+        raise ConfigError(
+            f"rollout.weight_sync=distributed sends weights through SGLang's weight-update group, which "
+            f"rollout.engine={cfg.rollout.engine} does not have: use rollout.weight_sync=auto (or disk), or "
+            f"rollout.engine=sglang")
+    if cfg.rollout.weight_sync == "distributed" and cfg.launch.placement == "colocated":
+        raise ConfigError(
+            "rollout.weight_sync=distributed puts trainer rank 0 and the servers' GPUs in one NCCL group, which "
+            "cannot hold two ranks on one GPU, as launch.placement=colocated would: set launch.placement="
+            "disaggregated (servers on nodes of their own), or rollout.weight_sync=auto (disk when colocated)")
     if cfg.algo.kl_reference == "momentum" and cfg.reward.label_source != "mgrpo":
         raise ConfigError(
             f"algo.kl_reference=momentum needs the momentum model, which only "

@@ -2,7 +2,8 @@
 
     sample M from the policy pool and N from the momentum pool
     -> extract answers, vote, rewards (the label source)
-    -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel)
+    -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel; MoE routing
+       replayed from the engines when train.routing_replay is on)
     -> IQR filter over the G trajectory entropies, advantages over the kept policy responses
     -> PPO-clip / TIS / KL loss, optimizer step -> EMA update of the momentum shards
     -> weight sync to the engines -> metrics -> checkpoint
@@ -19,9 +20,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -92,34 +96,59 @@ class Trainer:
         if cfg.reward.label_source == "intuitor" and cfg.rollout.engine != "hf":
             raise ValueError(f"reward.label_source=intuitor scores self-certainty with the in-process engine's "
                              f"model; rollout.engine={cfg.rollout.engine} has none: use rollout.engine=hf")
-        policy = EnginePool("policy", [self._engine("policy", hf_model)])
-        momentum = EnginePool("momentum", [self._engine("momentum")]) if self.n else None
+        policy = EnginePool("policy", self._engines("policy", hf_model))
+        momentum = EnginePool("momentum", self._engines("momentum")) if self.n else None
         self.pools = RolloutPools(policy, momentum)
         self.grader = AnswerGrader(cfg.reward.verify_workers, cfg.reward.verify_timeout_s)
         gold = self.gold if cfg.reward.label_source == "gt" else None
         self.labels = make_label_source(cfg.reward.label_source, self.grader, threshold=cfg.reward.vote_threshold,
                                         ttrl_train_samples=cfg.reward.ttrl_train_samples, gold=gold)
 
-    def _engine(self, name: str, hf_model=None):
-        """A rollout engine on the starting weights: in-process, or a vLLM / SGLang server started
-        with `launch.engine_python` (an environment that has the server installed)."""
+    def _engines(self, pool: str, hf_model=None) -> list:
+        """The pool's engines: the servers a launcher started and named in `MGRPO_<POOL>_URLS`
+        (`mgrpo launch` does, one URL per engine), else one engine of our own."""
+        from megatron_mgrpo.rollout.pools import URLS_ENV
+
+        urls = [url.strip() for url in os.environ.get(URLS_ENV[pool], "").split(",") if url.strip()]
+        if urls and self.cfg.rollout.engine == "hf":
+            raise ValueError(f"{URLS_ENV[pool]} names rollout servers, but rollout.engine=hf samples in-process: "
+                             f"set rollout.engine to the servers' kind (vllm or sglang), or unset {URLS_ENV[pool]}")
+        return [self._engine(pool, url=url, index=i) for i, url in enumerate(urls)] or [self._engine(pool, hf_model)]
+
+    def _engine(self, name: str, hf_model=None, url: str | None = None, index: int = 0):
+        """A rollout engine on the starting weights: in-process, a vLLM / SGLang server started with
+        `launch.engine_python` (an environment that has the server installed), or the server at
+        `url` (engine `index` of its pool). Weights reach a server through files: shared memory on
+        this host, the run directory (a file system the cluster shares) for a server elsewhere;
+        but an SGLang server at `url` gets them through a weight group of its own (trainer rank 0
+        and its launch.rollout_tp GPUs) when rollout.weight_sync resolves to distributed."""
         kind, python, logs = self.cfg.rollout.engine, self.cfg.launch.engine_python, self.run_dir / "logs"
+        server = {"url": url}
+        if url and not _on_this_host(url):
+            server["weights_dir"] = self.run_dir / "weight-sync"
         if kind == "vllm":
             from megatron_mgrpo.rollout.vllm_engine import VLLMEngine
 
             return VLLMEngine(self.model_dir, python=python, log_dir=logs, name=name,
                               dtype=str(self.policy.dtype).removeprefix("torch."),
-                              max_model_len=self.cfg.launch.max_prompt_tokens + self.cfg.rollout.max_new_tokens)
+                              max_model_len=self.cfg.launch.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
+                              **server)
         if kind == "sglang":
-            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
+            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine, weight_sync_mode
+            from megatron_mgrpo.rollout.weight_broadcast import trainer_broadcaster
 
-            return SGLangEngine(self.model_dir, python=python, log_dir=logs, name=name)
+            if url and weight_sync_mode(self.cfg) == "distributed":
+                tp = self.cfg.launch.rollout_tp
+                server.update(weight_sync="distributed", tp_size=tp, broadcaster=trainer_broadcaster(
+                    f"mgrpo-{name}-{index}", tp, remote=not _on_this_host(url)))
+            return SGLangEngine(self.model_dir, python=python, log_dir=logs, name=name,
+                                routed_experts=self.cfg.train.routing_replay, **server)
         from transformers import AutoModelForCausalLM
 
         from megatron_mgrpo.rollout.hf_engine import HFEngine
 
         model = hf_model or AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        return HFEngine(model, self.tokenizer)
+        return HFEngine(model, self.tokenizer, routed_experts=self.cfg.train.routing_replay)
 
     # ------------------------------------------------------------------------------ the step
 
@@ -203,7 +232,8 @@ class Trainer:
         samples = [s for ps, ms in zip(policy_samples, momentum_samples) for s in ps + ms]
         sequences = TrainSequences([s.prompt_ids + s.response_ids for s in samples],
                                    [len(s.prompt_ids) for s in samples],
-                                   {"rollout_logp": [s.logprobs for s in samples]})
+                                   {"rollout_logp": [s.logprobs for s in samples]},
+                                   routing=[s.routed_experts for s in samples] if cfg.train.routing_replay else None)
         rewards = torch.zeros(len(batch), m)
         trainable = torch.zeros(len(batch), m, dtype=torch.bool)
         for p, result in enumerate(results):  # ttrl rewards only its first ttrl_train_samples responses
@@ -287,6 +317,11 @@ class Trainer:
                 engine.shutdown()
 
 
+def _on_this_host(url: str) -> bool:
+    host = urlsplit(url).hostname
+    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
+
+
 def _split(count: int, parts: int) -> list[list[int]]:
     """`range(count)` in `parts` contiguous chunks (mini-batches of one rollout batch)."""
     bounds = [round(i * count / parts) for i in range(parts + 1)]
@@ -348,8 +383,8 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             loaded = load_checkpoint(checkpoint, [policy.model], optimizer=policy.optimizer,
                                      scheduler=policy.scheduler, momentum=policy.momentum.state_dict())
             start, state = loaded.step, loaded.common
-            trainer.sync_weights(start)
             say(f"resumed from {checkpoint} (step {start})")
+        trainer.sync_weights(start)  # also servers a launcher started from model.path get the weights we start from
         state["momentum_shard_mib"] = round(policy.momentum.nbytes / 2**20, 2)  # rank 0's fp32 EMA shards
         if rank0:
             sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
@@ -419,23 +454,26 @@ def export_hf(trainer: Trainer, out: Path) -> None:
     """The policy and the momentum model as loadable HF directories (`out/policy`, `out/momentum`)."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_mgrpo.models.weight_map import load_checkpoint_tensors
+
     for which in ("policy", "momentum"):
         weights = dict(trainer.policy.hf_weights(which))
         if dist.get_rank() == 0:
             model = AutoModelForCausalLM.from_pretrained(trainer.model_dir, dtype=torch.float32)
-            model.load_state_dict(weights, strict=True)
+            load_checkpoint_tensors(model, weights)
             model.save_pretrained(out / which)
             trainer.tokenizer.save_pretrained(out / which)
 
 
 def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall_seconds: float) -> dict:
     accuracies = [r["accuracy/true"] for r in history if r.get("accuracy/true") is not None]
+    alarmed = [r["step"] for r in history if r.get("alarm/collapse")]
     summary = {"label_source": cfg.reward.label_source, "steps": len(history),
                "initial_true_accuracy": state.get("initial_true_accuracy"),
                "final_true_accuracy": accuracies[-1] if accuracies else None,
                "best_true_accuracy": max(accuracies) if accuracies else None,
                "final_reward": history[-1].get("reward/mean") if history else None,
-               "collapse_alarm": bool(history and history[-1].get("alarm/collapse")),
+               "collapse_alarm": bool(alarmed), "collapse_alarm_first_step": alarmed[0] if alarmed else None,
                "momentum_shard_mib": state.get("momentum_shard_mib"),
                "wall_seconds": round(wall_seconds, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -64,6 +64,7 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
     from megatron_mgrpo.data.templates import PromptTemplate
     from megatron_mgrpo.models.builtin import save_hf_directory
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.models.weight_map import load_checkpoint_tensors
     from megatron_mgrpo.train.policy import MegatronPolicy
 
     target = cache_root / "warmstart" / f"{model_dir.name}-{cache_key(cfg, model_dir)}"
@@ -72,7 +73,8 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
     settings = cfg.warmstart
     sft_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, steps=settings.steps, lr=settings.lr, min_lr=settings.lr, lr_schedule="constant",
-        lr_warmup_steps=min(20, settings.steps // 10), updates_per_rollout=1, weight_decay=0.0))
+        lr_warmup_steps=min(20, settings.steps // 10), updates_per_rollout=1, weight_decay=0.0,
+        routing_replay=False))  # supervised sequences come from no engine: the router routes freely
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if not settings.task.startswith("builtin:"):
@@ -91,7 +93,7 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
             progress(f"warm start step {step + 1}/{settings.steps}: loss {metrics['loss']:.3f}")
     weights = dict(policy.hf_weights("policy"))
     if dist.get_rank() == 0:
-        hf_model.load_state_dict(weights, strict=True)
+        load_checkpoint_tensors(hf_model, weights)
         save_hf_directory(hf_model, tokenizer, target)
     dist.barrier()
     return target

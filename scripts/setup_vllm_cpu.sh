@@ -11,4 +11,6 @@ if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >&2 || true
     "$VENV/bin/python" -c "import vllm" >&2
 fi
+# the weight-sync worker verifies each pushed tensor's checksum
+"$VENV/bin/python" -c "import xxhash" >/dev/null 2>&1 || "$VENV/bin/pip" install -q "xxhash==4.1.0" >&2
 echo "$VENV/bin/python"

@@ -126,6 +126,8 @@ def _check_model_split(cfg: Config, shape: ModelShape) -> None:
                                           f"{shape.model_type} has no experts: set parallel.ep=1"),
         (shape.is_moe and shape.num_experts % par.ep, f"parallel.ep={par.ep} must divide the "
                                                       f"{shape.num_experts} experts"),
+        (cfg.train.routing_replay and not shape.is_moe, f"train.routing_replay=true needs a mixture-of-experts "
+                                                        f"model; {shape.model_type} has no router: set it to false"),
     ]
     for failed, message in rules:
         if failed:

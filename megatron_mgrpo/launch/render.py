@@ -16,10 +16,8 @@ from megatron_mgrpo.config import Config
 from megatron_mgrpo.launch import LaunchError
 from megatron_mgrpo.launch.planner import Layout
 from megatron_mgrpo.launch.slurm import NodeRoles
-
-#: Environment variables through which the trainer learns its rollout servers (comma-separated URLs).
-POLICY_URLS_ENV, MOMENTUM_URLS_ENV = "MGRPO_POLICY_URLS", "MGRPO_MOMENTUM_URLS"
-
+from megatron_mgrpo.rollout import vllm_engine
+from megatron_mgrpo.rollout.pools import URLS_ENV
 
 @dataclass(frozen=True)
 class Engine:
@@ -70,12 +68,13 @@ def server_argv(cfg: Config, engine: Engine, layout: Layout) -> list[str]:
                 "--port", str(engine.port), "--tp-size", str(launch.rollout_tp),
                 "--mem-fraction-static", str(launch.rollout_mem_fraction),
                 "--context-length", str(layout.seq_len), "--dtype", "bfloat16"]
-    return [launch.engine_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "0.0.0.0",
+    return [*(f"{k}={v}" for k, v in vllm_engine.SERVER_ENV.items()),
+            launch.engine_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--served-model-name", engine.pool, "--host", "0.0.0.0",
             "--port", str(engine.port), "--tensor-parallel-size", str(launch.rollout_tp),
             "--gpu-memory-utilization", str(launch.rollout_mem_fraction),
             "--max-model-len", str(layout.seq_len), "--dtype", "bfloat16",
-            "--logprobs-mode", "processed_logprobs",
-            "--worker-extension-cls", "megatron_mgrpo.rollout.vllm_worker.WeightSyncExtension"]
+            "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", vllm_engine.WORKER_EXTENSION]
 
 
 def trainer_argv(config_path: str, overrides: list[str]) -> list[str]:
@@ -97,8 +96,7 @@ def render_steps(cfg: Config, layout: Layout, roles: NodeRoles, *, config_path: 
             argv = env + argv
         steps.append(Step(name, tuple(argv), engine))
     urls = ["env"] + [f"{var}={','.join(e.url for e in engines if e.pool == pool)}"
-                      for var, pool in ((POLICY_URLS_ENV, "policy"), (MOMENTUM_URLS_ENV, "momentum"))
-                      if any(e.pool == pool for e in engines)]
+                      for pool, var in URLS_ENV.items() if any(e.pool == pool for e in engines)]
     train = trainer_argv(config_path, overrides)
     port = str(cfg.launch.master_port)
     if launcher == "srun":

@@ -173,8 +173,8 @@ def _moe_config(spec: ModelSpec, ep: int, routing_replay: bool) -> dict[str, Any
     """
     if not spec.num_experts:
         if ep > 1 or routing_replay:
-            raise ValueError(f"parallel.ep={ep} / routing replay need a MoE model, and {spec.model_type} is dense: "
-                             f"use parallel.ep=1 without routing replay")
+            raise ValueError(f"parallel.ep={ep} / train.routing_replay={routing_replay} need a MoE model, and "
+                             f"{spec.model_type} is dense: use parallel.ep=1 and train.routing_replay=false")
         return {}
     if spec.num_experts % ep:
         raise ValueError(f"parallel.ep={ep} must divide the number of experts {spec.num_experts}")

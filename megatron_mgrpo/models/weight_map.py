@@ -84,8 +84,8 @@ def fused_norm_names(spec: ModelSpec) -> tuple[tuple[str, str], ...]:
 def checkpoint_layout(hf: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """`hf` with transformers' fused in-memory experts split into the checkpoint's per-expert
     names (views, no copies); a state dict already in checkpoint layout is returned unchanged."""
-    if not spec.num_experts:
-        return hf
+    if not spec.num_experts or not any(name.endswith("mlp.experts.gate_up_proj") for name in hf):
+        return hf  # also keeps a lazy reader of checkpoint files lazy
     router, gate, up, down = MOE_HF_NAMES[spec.model_type]
     out = dict(hf)
     for layer in range(spec.num_layers):
@@ -98,6 +98,34 @@ def checkpoint_layout(hf: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str,
             out[h + gate.format(e=e)], out[h + up.format(e=e)] = gate_up[e].chunk(2, dim=0)
             out[h + down.format(e=e)] = down_proj[e]
     return out
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers model's parameters and persistent buffers under the names of its checkpoint
+    files (the names every export writes). Fused in-memory experts appear as per-expert views,
+    so copying a tensor into its entry updates the model in place; tied weights appear under
+    each of their names."""
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+
+    tensors = model.state_dict(keep_vars=True)
+    if getattr(model.config, "num_experts_per_tok", None):
+        tensors = checkpoint_layout(tensors, model_spec_from_hf(model.config))
+    return tensors
+
+
+@torch.no_grad()
+def load_checkpoint_tensors(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy exported weights (checkpoint names) into a transformers model, strictly: every weight
+    of the model must be given (a tied one under either of its names), and nothing else."""
+    targets = checkpoint_tensors(model)
+    unexpected = sorted(weights.keys() - targets.keys())
+    covered = {t.data_ptr() for name, t in targets.items() if name in weights}  # tied names share storage
+    missing = sorted(name for name, t in targets.items() if name not in weights and t.data_ptr() not in covered)
+    if missing or unexpected:
+        raise KeyError(f"weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    for name, tensor in weights.items():
+        targets[name].copy_(tensor)
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], spec: ModelSpec, *, tp_rank: int = 0, tp_size: int = 1,

@@ -5,6 +5,11 @@ It runs its own decode loop on transformers' KV cache instead of `model.generate
 logits; here only the log-prob of each sampled token is kept. Each prompt is prefilled once and
 its cache fanned out to the n samples; finished rows leave the batch, so long and short
 responses do not pay for each other.
+
+With `routed_experts=True` (MoE models, for routing replay in training) every forward also
+returns the router logits, and the top-k experts of each position the model saw (the prompt, and
+each sampled token but the last, which is never fed back) become `Sample.routed_experts`: the
+same layout SGLang reports.
 """
 
 from __future__ import annotations
@@ -49,9 +54,14 @@ def sample_next_tokens(logits: torch.Tensor, sampling: SamplingParams,
 class HFEngine:
     """A `RolloutEngine` that samples with a transformers model in this process."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 256, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 256, seed: int = 0,
+                 routed_experts: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        self.topk = getattr(model.config, "num_experts_per_tok", None) if routed_experts else None
+        if routed_experts and not self.topk:
+            raise ValueError(f"routed_experts=True needs an MoE model; {type(model).__name__} has no "
+                             f"num_experts_per_tok: turn routing replay off for dense models")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -101,9 +111,13 @@ class HFEngine:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        routing = self.topk is not None
+        out = self._forward(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                            past_key_values=cache)
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+        if routing:  # per layer [prompts, width, topk] for the prompt, then [active rows, topk] per step
+            prompt_routes = [self._experts(r).view(len(prompts), width, -1) for r in out.router_logits]
+            step_routes: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         cache.batch_repeat_interleave(n)
         attention = attention.repeat_interleave(n, dim=0)
         next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
@@ -132,10 +146,12 @@ class HFEngine:
                 cache.batch_select_indices(keep)
                 active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
             attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                             past_key_values=cache, use_cache=True)
+            out = self._forward(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                                past_key_values=cache)
             logits = out.logits[:, -1]
             next_position = next_position + 1
+            if routing:
+                step_routes.append((active, [self._experts(r) for r in out.router_logits]))
 
         samples = []
         for row in range(rows):
@@ -145,7 +161,31 @@ class HFEngine:
                 text=self.tokenizer.decode(response, skip_special_tokens=True),
                 logprobs=logprobs[row, :lengths[row]].tolist(), finish_reason=finish[row],
                 weights_version=self.weights_version))
+        if routing:
+            for row, sample in enumerate(samples):
+                prompt = len(sample.prompt_ids)
+                sample.routed_experts = [torch.cat([layer[row // n, width - prompt:]] + [
+                    routes[layer_index][(rows_fed == row).nonzero().squeeze(-1)]
+                    for rows_fed, routes in step_routes if (rows_fed == row).any()]).to(torch.int32)
+                    for layer_index, layer in enumerate(prompt_routes)]
         return samples
+
+    def _forward(self, **inputs):
+        """Logits of the last position (and, recording routing, every layer's router logits).
+
+        With routing, the decoder and the LM head are called separately: the causal-LM forward
+        also computes its load-balancing loss from the router logits, which breaks on a KV cache
+        with padding, and the loss is of no use here."""
+        if self.topk is None:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = self.model.get_decoder()(**inputs, use_cache=True, output_router_logits=True)
+        out.logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1:])
+        return out
+
+    def _experts(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """The top-k experts per position: HF's routers take the top-k of softmax(logits), which
+        are the top-k logits."""
+        return router_logits.topk(self.topk, dim=-1).indices
 
     def _hit_stop_string(self, tokens: torch.Tensor, active: torch.Tensor, length: int,
                          stop: tuple[str, ...]) -> torch.Tensor:
@@ -164,9 +204,11 @@ class HFEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy HF-named tensors into the model in place (no reallocation, no module rebuild)."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        params.update(self.model.named_buffers(remove_duplicate=False))
+        """Copy HF-named tensors (checkpoint names, as exports write them) into the model in place:
+        no reallocation, no module rebuild."""
+        from megatron_mgrpo.models.weight_map import checkpoint_tensors
+
+        params = checkpoint_tensors(self.model)
         for name, tensor in named_tensors:
             target = params.get(name)
             if target is None:

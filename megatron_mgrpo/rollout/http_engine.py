@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from megatron_mgrpo.rollout.types import Sample, SamplingParams
 SHARED_MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def save_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], target: Path) -> None:
-    """Write HF-named tensors to `target` as one safetensors file, atomically.
+def save_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], target: Path,
+                     metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Write HF-named tensors to `target` as one safetensors file, atomically; returns them as written.
 
     Written under a temporary name and renamed, so a server (or a restart re-push) never reads
     a half-written file.
@@ -37,8 +39,9 @@ def save_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], target: 
 
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in named_tensors}
     partial = target.with_name(target.name + ".partial")
-    save_file(tensors, str(partial))
+    save_file(tensors, str(partial), metadata=metadata)
     partial.rename(target)
+    return tensors
 
 
 class HTTPServerEngine:
@@ -56,6 +59,7 @@ class HTTPServerEngine:
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
         self.weights_version = 0
+        self._recovering = threading.Lock()  # many failed requests, one restart
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -103,14 +107,15 @@ class HTTPServerEngine:
             await asyncio.to_thread(self._recover_if_dead)
             await asyncio.sleep(min(2.0 ** attempt, 30.0))
         raise ServerError(f"{self.kind} {self.name} server failed {route} {self.max_retries + 1} times; last: "
-                          f"{problem}; log {self.server.spec.log_file}:\n{self.server.log_tail()}")
+                          f"{problem}; {self.server.log_excerpt()}")
 
     def _recover_if_dead(self) -> None:
-        if self.server.is_alive() and self.server.healthy():
-            return
-        self.server.stop()
-        self.server.start()
-        self._repush_weights()
+        with self._recovering:  # requests that failed together find the server restarted by the first
+            if self.server.is_alive() and self.server.healthy():
+                return
+            self.server.stop()
+            self.server.start()
+            self._repush_weights()
 
     def _repush_weights(self) -> None:
         """Give a freshly restarted server the last pushed weights (nothing if none were pushed)."""
@@ -132,7 +137,7 @@ class HTTPServerEngine:
     def health(self) -> dict[str, Any]:
         if not (self.server.is_alive() and self.server.healthy()):
             raise ServerError(f"{self.kind} {self.name} server at {self.server.spec.url} is not healthy; "
-                              f"log {self.server.spec.log_file}:\n{self.server.log_tail()}")
+                              f"{self.server.log_excerpt()}")
         return {"engine": self.kind, "url": self.server.spec.url, "weights_version": self.weights_version}
 
     def shutdown(self) -> None:

@@ -13,6 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from megatron_mgrpo.rollout.types import RolloutEngine, Sample, SamplingParams
 
+#: How a launcher that started the servers itself tells the trainer where each pool is:
+#: comma-separated http://HOST:PORT URLs, one per engine.
+URLS_ENV = {"policy": "MGRPO_POLICY_URLS", "momentum": "MGRPO_MOMENTUM_URLS"}
+
 
 class EnginePool:
     """Several engines holding the same weights; prompts are spread over them evenly."""

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -71,14 +72,14 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if not self.is_alive():
                 raise ServerError(f"server exited with code {self._proc.returncode} during startup; "
-                                  f"log {self.spec.log_file}:\n{self.log_tail()}")
+                                  f"{self.log_excerpt()}")
             if self.healthy():
                 return
             time.sleep(0.5)
         self.stop()
         raise ServerError(f"server not healthy at {self.spec.url}{self.spec.health_path} after "
                           f"{self.spec.startup_timeout_s:.0f} s (raise the startup timeout if the model is "
-                          f"large); log {self.spec.log_file}:\n{self.log_tail()}")
+                          f"large); {self.log_excerpt()}")
 
     def healthy(self) -> bool:
         headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
@@ -107,6 +108,10 @@ class ServerProcess:
                 continue
         self._proc = None
 
+    def log_excerpt(self) -> str:
+        """Where the log is and how it ends: part of every error about the server."""
+        return f"log {self.spec.log_file}:\n{self.log_tail()}"
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.spec.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -119,6 +124,36 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RemoteServer(ServerProcess):
+    """A server started and supervised by someone else (the Slurm launcher, on another node).
+
+    We only wait until it answers its health check. It is never started or stopped from here: a
+    server that went down is waited for (its supervisor restarts it) and then, like a restarted
+    local one, given the last pushed weights again by the engine.
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, health_path: str = "/health",
+                 startup_timeout_s: float = 600.0):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            raise ValueError(f"rollout server URL {url!r} must look like http://HOST:PORT")
+        super().__init__(ServerSpec(command=[], port=parts.port, host=parts.hostname, api_key=api_key,
+                                    log_file=Path(os.devnull), health_path=health_path,
+                                    startup_timeout_s=startup_timeout_s))
+
+    def start(self) -> None:
+        self.wait_healthy()
+
+    def is_alive(self) -> bool:
+        return True  # its process is not ours to see; `healthy()` is the only evidence
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Nothing: the server belongs to whoever started it."""
+
+    def log_excerpt(self) -> str:
+        return "the server was started elsewhere: read its own log (mgrpo launch: the engine's log in --log-dir)"
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:

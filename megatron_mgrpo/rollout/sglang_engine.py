@@ -1,4 +1,5 @@
-"""A `RolloutEngine` backed by an SGLang server that it launches and supervises.
+"""A `RolloutEngine` backed by an SGLang server that it launches and supervises, or one started
+elsewhere (`url=`: the servers of a Slurm launch) that it only talks to.
 
 Generation: one native `/generate` request per prompt with `input_ids` and `n` in the sampling
 parameters (SGLang fans n out into parallel samples and answers with a list).
@@ -17,18 +18,24 @@ int32 expert ids shaped [tokens, layers, top_k], for every position but the last
 `Sample.routed_experts`, one [tokens, top_k] tensor per layer.
 
 Weights (`weight_sync`):
-- "disk": a safetensors file in a directory in shared memory, loaded by `/update_weights_from_disk`.
+- "disk": a safetensors file in a directory under `weights_dir` (shared memory by default; a file
+  system the server also sees when it runs on another host), loaded by `/update_weights_from_disk`.
 - "tensor" (colocated, same GPUs): per bucket, `/update_weights_from_tensor` with the bucket's
   `(name, tensor)` list pickled by torch's multiprocessing pickler (CUDA IPC handles, no copy),
   base64 for JSON, once per server TP rank. Before it the server's weights are resumed and after
   it the KV cache, if `release_memory()` freed them for training.
 - "distributed" (separate GPUs): `/init_weights_update_group` once, then per bucket
   `/update_weights_from_distributed` names the tensors while a `WeightBroadcaster` sends them.
+  No file crosses a file system: what the trainer uses for servers on other nodes.
 Every push also tags the server's `weight_version`. The last pushed weights are kept as a
-safetensors file in shared memory, so a restarted server is restored through the disk path.
+safetensors file under `weights_dir`, so a restarted server is restored through the disk path
+(then joins a new weight group at the next distributed push). A server started elsewhere that
+gets its weights through the group is the exception: see `_keeps_snapshot` and
+`_confirm_weights_kept`.
 
 Checked on CPU: every payload against SGLang 0.5.23's request types, the HTTP flow (retries,
-restart, re-push) against a fake server, the weight-group protocol with gloo. Still needs a GPU
+restart, re-push) against a fake server, the weight-group protocol with gloo, and the distributed
+push end to end with the fake server joining a real gloo group. Still needs a GPU
 with a real server: generation and its reply fields, log-prob parity with the trainer (also with
 top-k / top-p through the sampling mask), the NCCL group join and broadcast update, the CUDA-IPC
 tensor update, release / resume of memory, and routed-expert ids on an MoE model.
@@ -40,20 +47,35 @@ import base64
 import io
 import json
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import torch
 
 from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import RemoteServer, ServerError, ServerProcess, ServerSpec, free_port
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 from megatron_mgrpo.sync.buckets import DEFAULT_BUCKET_BYTES, bucketize
 
+if TYPE_CHECKING:
+    from megatron_mgrpo.config import Config
+
 WEIGHT_SYNC_MODES = ("disk", "tensor", "distributed")
+
+
+def weight_sync_mode(cfg: Config) -> str:
+    """`rollout.weight_sync` with `auto` decided: "distributed" for SGLang servers on nodes of
+    their own (launch.placement=disaggregated), where a file per push would cross the shared file
+    system with the whole model every step; "disk" otherwise (shared memory on this host)."""
+    if cfg.rollout.weight_sync != "auto":
+        return cfg.rollout.weight_sync
+    disaggregated = cfg.rollout.engine == "sglang" and cfg.launch.placement == "disaggregated"
+    return "distributed" if disaggregated else "disk"
 
 
 def generate_payload(prompt: Sequence[int], n: int, sampling: SamplingParams, *,
@@ -153,7 +175,8 @@ class SGLangEngine(HTTPServerEngine):
                  broadcaster: WeightBroadcaster | None = None, routed_experts: bool = False,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, extra_args: Sequence[str] = (),
                  env: dict[str, str] | None = None, startup_timeout_s: float = 900.0,
-                 request_timeout_s: float = 600.0, max_retries: int = 3, max_concurrency: int = 64):
+                 request_timeout_s: float = 600.0, max_retries: int = 3, max_concurrency: int = 64,
+                 url: str | None = None, api_key: str | None = None, weights_dir: str | Path = SHARED_MEMORY):
         if weight_sync not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight_sync={weight_sync!r} must be one of {WEIGHT_SYNC_MODES}")
         if (weight_sync == "distributed") != (broadcaster is not None):
@@ -169,15 +192,21 @@ class SGLangEngine(HTTPServerEngine):
         self.moe_shape = _moe_shape(self.model_path) if routed_experts else None
         self._released: set[str] = set()
         self._snapshot_dir: Path | None = None
-        port = free_port()
-        api_key = secrets.token_hex(16)
-        command = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", "127.0.0.1",
-                   "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--tp-size", str(tp_size),
-                   "--skip-server-warmup", *(["--enable-memory-saver"] if weight_sync == "tensor" else []),
-                   *(["--enable-return-routed-experts"] if routed_experts else []), *extra_args]
-        server = ServerProcess(ServerSpec(command=command, port=port, api_key=api_key, env=dict(env or {}),
-                                          log_file=Path(log_dir) / f"sglang-{name}-{port}.log",
-                                          startup_timeout_s=startup_timeout_s))
+        self._attached = bool(url)
+        self._pushed = False
+        self.weights_dir = Path(weights_dir)
+        if url:
+            server = RemoteServer(url, api_key=api_key, startup_timeout_s=startup_timeout_s)
+        else:
+            port = free_port()
+            api_key = secrets.token_hex(16)
+            command = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", "127.0.0.1",
+                       "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--tp-size", str(tp_size),
+                       "--skip-server-warmup", *(["--enable-memory-saver"] if weight_sync == "tensor" else []),
+                       *(["--enable-return-routed-experts"] if routed_experts else []), *extra_args]
+            server = ServerProcess(ServerSpec(command=command, port=port, api_key=api_key, env=dict(env or {}),
+                                              log_file=Path(log_dir) / f"sglang-{name}-{port}.log",
+                                              startup_timeout_s=startup_timeout_s))
         super().__init__(server, name=name, request_timeout_s=request_timeout_s, max_retries=max_retries,
                          max_concurrency=max_concurrency)
         self.server.start()
@@ -193,7 +222,7 @@ class SGLangEngine(HTTPServerEngine):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         named = list(named_tensors)
-        snapshot = self._write_snapshot(named, version)
+        snapshot = self._write_snapshot(named, version) if self._keeps_snapshot else None
         if self.weight_sync == "disk":
             self._load_snapshot(snapshot, version)
         elif self.weight_sync == "tensor":
@@ -204,6 +233,16 @@ class SGLangEngine(HTTPServerEngine):
         else:
             self._push_distributed(named, version)
         self.weights_version = version
+        self._pushed = True
+
+    @property
+    def _keeps_snapshot(self) -> bool:
+        """Whether each push leaves a safetensors copy for a restarted server (`_repush_weights`).
+
+        Not for a server started elsewhere that gets its weights through the group: it is never
+        restarted from here (a launcher's dead server ends the run), it could not read a file in
+        this host's memory, and a copy on the shared file system is what the group avoids."""
+        return not (self.weight_sync == "distributed" and self._attached)
 
     def _push_buckets(self, named, version, route, payload) -> None:
         buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
@@ -213,13 +252,10 @@ class SGLangEngine(HTTPServerEngine):
 
     def _push_distributed(self, named, version) -> None:
         """Each HTTP request blocks until the server has received, so it runs in a thread while we send."""
+        if self.broadcaster.group is None:
+            self._join_group()
         group = self.broadcaster.group_name
         with ThreadPoolExecutor(1, thread_name_prefix="sglang-weights") as http:
-            if self.broadcaster.group is None:
-                joined = http.submit(self._post, "/init_weights_update_group", init_group_payload(self.broadcaster),
-                                     what=f"joining weight group {group!r}")
-                self.broadcaster.connect()
-                joined.result()
             buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
             for bucket in buckets:
                 body = distributed_update_payload(list(zip(bucket.names, bucket.tensors)), group, version,
@@ -229,9 +265,33 @@ class SGLangEngine(HTTPServerEngine):
                 self.broadcaster.broadcast(bucket.tensors)
                 request.result()
 
+    def _join_group(self) -> None:
+        """Ask the server to join while rank 0 forms the group, both of which block until the
+        rendezvous completes. Forming runs in a daemon thread, so that a server refusing the
+        request (say, an SGLang that reads it differently) is an error at once, not after the
+        rendezvous timeout, and a stuck rendezvous never holds up the process's exit."""
+        self.broadcaster.listen()
+        formed: Future = Future()
+
+        def form() -> None:
+            try:
+                self.broadcaster.connect()
+                formed.set_result(None)
+            except BaseException as err:  # handed to the waiting thread below
+                formed.set_exception(err)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="sglang-weights") as http:
+            joined = http.submit(self._post, "/init_weights_update_group", init_group_payload(self.broadcaster),
+                                 what=f"joining weight group {self.broadcaster.group_name!r}")
+            threading.Thread(target=form, name="sglang-weight-group", daemon=True).start()
+            wait([joined, formed], return_when=FIRST_EXCEPTION)
+            joined.result()
+            formed.result()
+
     def _write_snapshot(self, named, version) -> Path:
         """The pushed weights as an HF safetensors directory: the disk push, and a restart's re-push."""
-        directory = Path(SHARED_MEMORY) / f"mgrpo-sglang-{self.name}-{self.server.spec.port}-v{version}"
+        spec = self.server.spec
+        directory = self.weights_dir / f"mgrpo-sglang-{self.name}-{spec.host}-{spec.port}-v{version}"
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(named, directory / "model.safetensors")
         if self._snapshot_dir is not None and self._snapshot_dir != directory:
@@ -246,10 +306,33 @@ class SGLangEngine(HTTPServerEngine):
 
     def _repush_weights(self) -> None:
         self._released.clear()
-        if self.broadcaster is not None:  # the restarted server left the old group: rebuild it on next push
+        if not self._keeps_snapshot:
+            self._confirm_weights_kept()
+            return
+        if self.broadcaster is not None:  # a restarted server has left the group: the next push forms a new one
             self.broadcaster.close()
         if self._snapshot_dir is not None:
             self._load_snapshot(self._snapshot_dir, self.weights_version)
+
+    def _confirm_weights_kept(self) -> None:
+        """A server started elsewhere, synced through the group, answers again. If it reports the
+        version last pushed it was only unreachable a while and kept its weights and its end of
+        the group: nothing to do. If not, it was restarted, and there is nothing to restore it
+        from (`_keeps_snapshot`): stop, rather than sample from weights nobody pushed."""
+        if not self._pushed:
+            return
+        reply = httpx.get(self.server.spec.url + "/model_info", headers=self._headers, timeout=self.request_timeout_s)
+        reply.raise_for_status()
+        held = reply.json().get("weight_version")
+        if held == str(self.weights_version):
+            return
+        self.broadcaster.close()  # its end is gone: a later push forms a new group
+        raise ServerError(
+            f"{self.kind} {self.name} server at {self.server.spec.url} is back with weights version {held!r} instead "
+            f"of {self.weights_version}: it was restarted, and with weight_sync='distributed' a server started "
+            f"elsewhere gets weights only through the weight group, of which no copy is kept to re-send. Stopping "
+            f"rather than sampling from the wrong weights: resume the run from its last checkpoint (the same "
+            f"command), or use rollout.weight_sync=disk")
 
     # ---------------------------------------------------------------------------------- memory
 

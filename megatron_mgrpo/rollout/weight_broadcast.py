@@ -12,7 +12,9 @@ gloo on CPU (which is how it is tested) and with nccl on GPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import socket
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 
 import torch
@@ -21,7 +23,15 @@ import torch.distributed as dist
 
 def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
                       backend: str, timeout_s: float = 600.0) -> dist.ProcessGroup:
-    """Join (rank 0: create) the group; blocks until all `world_size` ranks have joined.
+    """Join (rank 0: create) the group; blocks until all `world_size` ranks have joined."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    return _group_on_store(store, rank, world_size, group_name, backend, timeout)
+
+
+def _group_on_store(store: dist.Store, rank: int, world_size: int, group_name: str, backend: str,
+                    timeout: timedelta) -> dist.ProcessGroup:
+    """The backend's group over `store`; blocks until all ranks are in.
 
     torch has no public call for a group outside the default world with its own store, so this
     uses `_new_process_group_helper`, the constructor `init_process_group` itself uses; the
@@ -29,16 +39,38 @@ def join_weight_group(master_address: str, master_port: int, rank: int, world_si
     """
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
                                          group_name=group_name, timeout=timeout)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
 
+def rank0_address(*, remote: bool, env: Mapping[str, str] | None = None) -> str:
+    """The address of this host (the trainer's rank 0) that inference servers connect to.
+
+    It is the training job's own rendezvous address: MASTER_ADDR, or under srun without it the
+    first host of the job's node list (`parallel.dist.launch_from_env`). Rank 0 hosts the default
+    group's store there, so it is this host by construction, under a name every node of the job
+    already resolves and reaches (in a `mgrpo launch` job: the first training node, as Slurm
+    names it). `socket.getfqdn()`, what the host calls itself, may resolve only locally or to an
+    interface other nodes cannot reach, so it is only the fallback for servers on other hosts
+    when the job rendezvoused on the loopback (a lone `mgrpo train` process).
+    """
+    from megatron_mgrpo.parallel.dist import launch_from_env
+
+    address = launch_from_env(os.environ if env is None else env).master_addr
+    if remote and address in ("127.0.0.1", "localhost", "::1"):
+        return socket.getfqdn()
+    return address
+
+
 class WeightBroadcaster:
-    """Rank 0 of a weight-update group: sends tensors to every server rank, in order."""
+    """Rank 0 of a weight-update group: sends tensors to every server rank, in order.
+
+    `master_port` 0 listens on any free port, picked anew each time the group is formed: ports
+    chosen up front could collide between the engines of one trainer, and a group formed again
+    after a server restart must not wait for the old store's port to be released.
+    """
 
     def __init__(self, master_address: str, master_port: int, world_size: int, *, group_name: str = "mgrpo_weights",
                  backend: str = "nccl", device: str | torch.device = "cuda", timeout_s: float = 600.0):
@@ -52,11 +84,22 @@ class WeightBroadcaster:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.group: dist.ProcessGroup | None = None
+        self._requested_port = master_port
+        self._store: dist.TCPStore | None = None
+
+    def listen(self) -> None:
+        """Open rank 0's store, so that `master_port` (the one picked, if it was 0) can be sent to
+        the servers before `connect()` waits for them."""
+        if self._store is None:
+            self._store = dist.TCPStore(self.master_address, self._requested_port, self.world_size, is_master=True,
+                                        timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False)
+            self.master_port = self._store.port
 
     def connect(self) -> None:
-        """Create the group; call while the servers are being asked to join (it blocks until they do)."""
-        self.group = join_weight_group(self.master_address, self.master_port, 0, self.world_size, self.group_name,
-                                       self.backend, self.timeout_s)
+        """Form the group; call while the servers are being asked to join (it blocks until they do)."""
+        self.listen()
+        self.group = _group_on_store(self._store, 0, self.world_size, self.group_name, self.backend,
+                                     timedelta(seconds=self.timeout_s))
 
     def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
         """Send each tensor to all server ranks, in the order the update request named them."""
@@ -66,6 +109,24 @@ class WeightBroadcaster:
             dist.broadcast(tensor.detach().to(self.device).contiguous(), src=0, group=self.group)
 
     def close(self) -> None:
+        """Leave the group and stop listening; the next `connect()` forms a new one."""
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
+        self._store = None
+        self.master_port = self._requested_port
+
+
+def trainer_broadcaster(group_name: str, server_tp: int, *, remote: bool) -> WeightBroadcaster:
+    """The trainer's end of one engine's group: rank 0 at `rank0_address`, any free port, the
+    engine's `server_tp` GPUs as ranks 1..server_tp; NCCL from this process's GPU, gloo on CPU.
+
+    `group_name` must differ between the engines: rank 0 holds all their groups in one process.
+    """
+    if torch.cuda.is_available():
+        # this rank's device by index (init_distributed has set it), not whichever is current when sending
+        backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    return WeightBroadcaster(rank0_address(remote=remote), 0, 1 + server_tp, group_name=group_name, backend=backend,
+                             device=device)

@@ -45,8 +45,17 @@ class Bucket:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def _checksums(tensors: list[torch.Tensor]) -> list[str]:
+def tensor_checksums(tensors: list[torch.Tensor]) -> list[str]:
+    """`tensor_checksum` of each tensor, hashed in parallel."""
     return list(_hashers.map(tensor_checksum, tensors))
+
+
+def verify_checksums(names: list[str], tensors: list[torch.Tensor], expected: list[str], where: str) -> None:
+    """Raise `CorruptBucketError` naming the first tensor whose bytes do not hash to `expected`."""
+    for name, want, actual in zip(names, expected, tensor_checksums(tensors)):
+        if actual != want:
+            raise CorruptBucketError(f"tensor {name!r} in {where} does not match its checksum: the push was "
+                                     f"corrupted; resend the weights")
 
 
 def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
@@ -56,7 +65,7 @@ def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
         raise ValueError(f"bucket_bytes={bucket_bytes} must be >= 1")
 
     def bucket(index, names, tensors):
-        return Bucket(version, index, names, tensors, _checksums(tensors) if checksums else None)
+        return Bucket(version, index, names, tensors, tensor_checksums(tensors) if checksums else None)
 
     index, names, tensors, size = 0, [], [], 0
     for name, tensor in named_tensors:
@@ -78,8 +87,5 @@ def unbucketize(buckets: Iterable[Bucket], version: int) -> Iterator[tuple[str, 
             raise CorruptBucketError(f"bucket {bucket.index} carries weights version {bucket.version}, "
                                      f"expected {version}: a stale or mixed-up push")
         if bucket.checksums is not None:
-            for name, expected, actual in zip(bucket.names, bucket.checksums, _checksums(bucket.tensors)):
-                if actual != expected:
-                    raise CorruptBucketError(f"tensor {name!r} in bucket {bucket.index} (version {version}) does "
-                                             f"not match its checksum: the push was corrupted; resend the weights")
+            verify_checksums(bucket.names, bucket.tensors, bucket.checksums, f"bucket {bucket.index} (version {version})")
         yield from zip(bucket.names, bucket.tensors)

@@ -23,13 +23,16 @@ class TrainSequences:
     """Sequences to score or train on.
 
     `token_fields` hold one value per response token of each sequence (e.g. the engine's
-    log-probs); `sequence_fields` one value per sequence (e.g. the advantage).
+    log-probs); `sequence_fields` one value per sequence (e.g. the advantage). `routing` (MoE
+    routing replay) holds each sequence's expert choices as the engine reports them
+    (`Sample.routed_experts`: per layer, [positions, topk] ids from the first token on).
     """
 
     tokens: list[list[int]]
     prompt_lengths: list[int]
     token_fields: dict[str, list[Sequence[float]]] = field(default_factory=dict)
     sequence_fields: dict[str, Sequence[float]] = field(default_factory=dict)
+    routing: list[list[torch.Tensor]] | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.prompt_lengths):
@@ -45,6 +48,13 @@ class TrainSequences:
         for name, values in self.sequence_fields.items():
             if len(values) != len(self.tokens):
                 raise ValueError(f"sequence field {name!r} has {len(values)} values for {len(self.tokens)} sequences")
+        if self.routing is not None:
+            if len(self.routing) != len(self.tokens):
+                raise ValueError(f"routing of {len(self.routing)} sequences for {len(self.tokens)} sequences")
+            missing = [index for index, routed in enumerate(self.routing) if routed is None]
+            if missing:
+                raise ValueError(f"sequences {missing[:8]} have no routed experts: for routing replay the rollout "
+                                 f"engine must report them (Sample.routed_experts)")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -52,7 +62,8 @@ class TrainSequences:
     def subset(self, indices: Sequence[int]) -> TrainSequences:
         return TrainSequences([self.tokens[i] for i in indices], [self.prompt_lengths[i] for i in indices],
                               {k: [v[i] for i in indices] for k, v in self.token_fields.items()},
-                              {k: [v[i] for i in indices] for k, v in self.sequence_fields.items()})
+                              {k: [v[i] for i in indices] for k, v in self.sequence_fields.items()},
+                              None if self.routing is None else [self.routing[i] for i in indices])
 
 
 @dataclass
@@ -65,6 +76,7 @@ class MicroBatch:
     targets: torch.Tensor  # [b, S - 1]: input_ids shifted left
     response_mask: torch.Tensor  # [b, S - 1] bool: the target is a response token
     fields: dict[str, torch.Tensor]  # token fields [b, S - 1] (0 off the response), sequence fields [b]
+    routing: list[torch.Tensor] | None = None  # per MoE layer, [S * b, topk] expert ids in megatron's token order
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +122,13 @@ def collate(sequences: TrainSequences, indices: list[int], pad_id: int = 0) -> M
     for name, values in sequences.sequence_fields.items():
         fields[name] = torch.tensor([float(values[i]) for i in indices])
     positions = torch.arange(width)[None].expand(len(indices), width)
-    return MicroBatch(indices, input_ids, positions, input_ids[:, 1:], response_mask, fields)
+    routing = None
+    if sequences.routing is not None:
+        from megatron_mgrpo.train.routing_replay import batch_routing
+
+        routed = [sequences.routing[i] for i in indices]
+        routing = batch_routing(routed, width, topk=routed[0][0].shape[-1])
+    return MicroBatch(indices, input_ids, positions, input_ids[:, 1:], response_mask, fields, routing)
 
 
 def micro_batches(sequences: TrainSequences, token_budget: int, pad_id: int = 0) -> list[MicroBatch]:

@@ -32,6 +32,7 @@ from megatron_mgrpo.train.batching import MicroBatch, TrainSequences, data_paral
 from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy
 from megatron_mgrpo.train.momentum import ShadowWeights
 from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
+from megatron_mgrpo.train.routing_replay import RoutingReplay
 
 #: objective(micro_batch, logp [b, S-1]) -> (loss averaged over its units, number of units, stats)
 Objective = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, int, dict[str, float]]]
@@ -69,8 +70,10 @@ class MegatronPolicy:
         model = cfg.model
         module = build_gpt_model(spec, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
                                  params_dtype=self.dtype, fp8=fp8_settings(model.fp8, model.fp8_recipe, model.fp8_params),
-                                 pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+                                 pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                                 routing_replay=cfg.train.routing_replay)
         load_hf_weights(module, hf_state, spec)
+        self.replay = RoutingReplay(module) if cfg.train.routing_replay else None
         self.module = module  # unwrapped: its state_dict names are the weight maps' names
         self.model = wrap_ddp(module)
         self.optimizer, self.scheduler = build_optimizer([self.model], cfg.train, self.dtype)
@@ -88,16 +91,25 @@ class MegatronPolicy:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
+            if self.replay is not None:  # the engine's experts for this micro-batch's forward
+                self.replay.replay(batch.routing)
             output = model(batch.input_ids, batch.position_ids, attention_mask=None)
             return output, partial(loss_func, batch)
 
         if not batches:  # this data-parallel rank has nothing to do; it still joins the gradient reduction
             return []
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],
-            micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only,
-            collect_non_loss_data=forward_only)
+        if self.replay is not None and any(batch.routing is None for batch in batches):
+            raise ValueError("train.routing_replay=true, but these sequences carry no routed experts: "
+                             "the rollout engine must report them (Sample.routed_experts)")
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],
+                micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only,
+                collect_non_loss_data=forward_only)
+        finally:
+            if self.replay is not None:
+                self.replay.clear()
 
     def _my_share(self, sequences: TrainSequences) -> tuple[list[int], list[MicroBatch]]:
         """This data-parallel rank's sequence indices and their micro-batches."""

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.config import load_config
@@ -160,3 +161,25 @@ def test_sigusr1_checkpoints_at_the_end_of_the_step_and_exits(tmp_path):
     assert [r["step"] for r in read_metrics(run)] == list(range(stopped_at))
     run_cli(run, "train.steps=30", "checkpoint.interval=1000", "eval.prompts=0")
     assert [r["step"] for r in read_metrics(run)] == list(range(30))
+
+
+@pytest.mark.slow
+def test_moe_model_trains_with_the_engines_routing_replayed(tmp_path):
+    """A Qwen3-MoE policy with train.routing_replay: both in-process engines report each token's
+    experts and every Megatron forward (scoring, KL, training) imposes them."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from megatron_mgrpo.models.builtin import build_tokenizer, save_hf_directory
+
+    tokenizer = build_tokenizer()
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    save_hf_directory(Qwen3MoeForCausalLM(config), tokenizer, tmp_path / "moe")
+    run_cli(tmp_path / "run", f"model.path={tmp_path / 'moe'}", "train.routing_replay=true", "train.steps=1",
+            "eval.prompts=0")
+    record = read_metrics(tmp_path / "run")[0]
+    assert record["iqr/kept"] > 0 and math.isfinite(record["train/loss"]) and math.isfinite(record["kl/mean"])
+    assert 0 <= record["label/agreement"] <= 1  # the momentum engine sampled (and routed) too

@@ -79,3 +79,24 @@ def test_generate_push_and_crash_recovery(engine, models):
     os.killpg(engine.server._proc.pid, signal.SIGKILL)
     samples = engine.generate(prompts[:1], n=2, sampling=sampling)
     check_matches(samples, model_b, prompts[:1], 2)
+
+
+def test_a_damaged_weights_file_is_refused_and_the_old_weights_kept(engine, models, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from megatron_mgrpo.rollout.server import ServerError
+    from megatron_mgrpo.sync.buckets import tensor_checksum
+
+    root, model_a, _ = models
+    engine.update_weights(model_a.state_dict().items(), version=7)
+    tensors = {k: v.clone() for k, v in model_a.state_dict().items()}
+    checksums = {k: tensor_checksum(v) for k, v in tensors.items()}
+    tensors["model.norm.weight"][0] += 1.0  # flipped in transit, after the sender hashed it
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata={"mgrpo_weights_version": "8", "mgrpo_xxh3": json.dumps(checksums)})
+    with pytest.raises(ServerError, match="model.norm.weight.*does not match its checksum"):
+        engine._load_weights_file(damaged)
+    prompts = [char_tokenizer().encode("1+1=")]
+    check_matches(engine.generate(prompts, n=2, sampling=SamplingParams(max_new_tokens=6)), model_a, prompts, 2)

@@ -146,3 +146,93 @@ def check_export(rank: int, world: int, tp: int, pp: int, ep: int, port: int) ->
 def test_moe_export_is_exact_with_every_expert(tp, pp, ep):
     world = tp * pp * ep
     mp.start_processes(check_export, args=(world, tp, pp, ep, free_port()), nprocs=world, start_method="spawn")
+
+
+class _IdTokenizer:
+    """Enough of a tokenizer for the in-process engine: token ids as text, id 1 ends a response."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) -> None:
+    """The in-process engine records every position's experts, and the Megatron policy's forward
+    uses exactly those (on its pipeline stage's layers), not the ones its own router prefers."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.rollout.hf_engine import HFEngine
+    from megatron_mgrpo.rollout.types import SamplingParams
+    from megatron_mgrpo.train.batching import TrainSequences, micro_batches
+    from megatron_mgrpo.train.policy import MegatronPolicy
+
+    init_distributed(pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    try:
+        hf_model = tiny("qwen3_moe").eval()
+        engine = HFEngine(hf_model, _IdTokenizer(), routed_experts=True)
+        samples = engine.generate([[5, 6, 7], [9, 10, 11, 12, 13], [20]], n=2,
+                                  sampling=SamplingParams(max_new_tokens=6, seed=0))
+        for s in samples:  # every position but the last, as a teacher-forced forward routes it
+            with torch.no_grad():
+                out = hf_model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), output_router_logits=True)
+            assert len(s.routed_experts) == len(out.router_logits) == 2
+            for layer, logits in zip(s.routed_experts, out.router_logits):
+                assert layer.dtype == torch.int32
+                assert torch.equal(layer.long().sort(-1).values, logits.topk(2).indices[:-1].sort(-1).values)
+
+        cfg = load_config(overrides=["train.routing_replay=true", "model.dtype=fp32", f"parallel.pp={pp}",
+                                     "train.micro_batch_tokens=30"])
+        policy = MegatronPolicy(model_spec_from_hf(hf_model.config), hf_model.state_dict(), cfg, momentum=False)
+        routers = [m for m in policy.module.modules() if isinstance(m, TopKRouter)]
+        with torch.no_grad():  # a router that prefers other experts than the engine's
+            for router in routers:
+                router.weight.normal_(generator=torch.Generator().manual_seed(7))
+        seen = []
+        hooks = [r.register_forward_hook(lambda router, _, out: seen.append((router.layer_number - 1, out[1])))
+                 for r in routers]
+        sequences = TrainSequences([s.prompt_ids + s.response_ids for s in samples],
+                                   [len(s.prompt_ids) for s in samples],
+                                   routing=[s.routed_experts for s in samples])
+
+        def chosen_per_sequence():
+            """(sequence, layer) -> the experts the policy's forward used at each engine-routed position."""
+            out, maps = {}, iter(list(seen))
+            for batch in micro_batches(sequences, cfg.train.micro_batch_tokens):
+                width = batch.input_ids.shape[1]
+                for _ in routers:
+                    layer, routing_map = next(maps)
+                    ids = _chosen(routing_map).view(width, len(batch.indices), 2)
+                    for row, index in enumerate(batch.indices):
+                        out[index, layer] = ids[:len(sequences.tokens[index]) - 1, row]
+            seen.clear()
+            return out
+
+        policy.score(sequences)
+        replayed = chosen_per_sequence()
+        assert len(replayed) == len(samples) * len(routers)
+        for (index, layer), ids in replayed.items():
+            assert torch.equal(ids, samples[index].routed_experts[layer].long().sort(-1).values)
+
+        policy.replay, replay = None, policy.replay  # the same forward routing freely differs
+        policy.score(sequences)
+        policy.replay = replay
+        free = chosen_per_sequence()
+        assert any(not torch.equal(free[key], replayed[key]) for key in replayed)
+        for hook in hooks:
+            hook.remove()
+
+        with pytest.raises(ValueError, match="carry no routed experts"):
+            policy.score(TrainSequences(sequences.tokens, sequences.prompt_lengths))
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("pp", [1, 2], ids=["PP=1", "PP=2"])
+def test_engine_routing_is_replayed_by_the_policy(pp):
+    mp.start_processes(check_engine_routing_is_replayed, args=(pp, pp, free_port()), nprocs=pp, start_method="spawn")

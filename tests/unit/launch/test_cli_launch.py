@@ -30,3 +30,20 @@ def test_memory_overflow_exits_2_after_the_table(capsys, monkeypatch):
     assert code == 2
     assert "DOES NOT FIT" in captured.out
     assert "training GPU:" in captured.err and "does not fit" in captured.err
+
+
+def test_vllm_servers_are_started_ready_for_the_trainer_to_attach(capsys, monkeypatch):
+    """The trainer finds the servers through MGRPO_*_URLS and asks for them by pool name; vLLM
+    only takes weight pushes with its dev routes on and our worker extension loaded."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["launch", "--config", recipe_path(RECIPE), "--model-config", model_config_path(RECIPE),
+                 "--dry-run", "rollout.engine=vllm"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    servers = [line for line in lines if "vllm.entrypoints.openai.api_server" in line]
+    assert len(servers) == 8
+    assert all("VLLM_SERVER_DEV_MODE=1" in s and "WeightSyncExtension" in s for s in servers)
+    assert sum("--served-model-name policy" in s for s in servers) == 6
+    assert sum("--served-model-name momentum" in s for s in servers) == 2
+    (train,) = [line for line in lines if "torchrun" in line]
+    urls = {kv.split("=")[0]: kv.split("=")[1].split(",") for kv in train.split() if kv.startswith("MGRPO_")}
+    assert len(urls["MGRPO_POLICY_URLS"]) == 6 and len(urls["MGRPO_MOMENTUM_URLS"]) == 2

@@ -23,6 +23,13 @@ def test_published_parameter_counts():
     assert counts["Qwen3-30B-A3B-Base.json"] == pytest.approx(30.53, abs=0.01)
 
 
+def test_large_recipes_train_in_fp8_with_truncated_is_and_moe_routing_replay(load_recipe):
+    for name in ("mgrpo_qwen3_8b_math.yaml", "mgrpo_qwen3_30b_a3b_math.yaml"):
+        cfg, shape = load_recipe(name)
+        assert cfg.model.fp8 != "off" and cfg.algo.tis_mode == "truncate" and cfg.algo.tis_cap > 1
+        assert cfg.train.routing_replay == shape.is_moe and cfg.rollout.engine == "sglang"
+
+
 def test_paper_recipe_layout(load_recipe):
     cfg, shape = load_recipe("mgrpo_qwen3_4b_math.yaml")
     layout = check_layout(cfg, shape)
@@ -37,6 +44,7 @@ BAD_LAYOUTS = [
     ("mgrpo_qwen3_4b_math.yaml", ["parallel.pp=5"], "parallel.pp=5 must divide the 36 layers"),
     ("mgrpo_qwen3_8b_math.yaml", ["parallel.ep=2"], "needs a mixture-of-experts model"),
     ("mgrpo_qwen3_30b_a3b_math.yaml", ["parallel.ep=3"], "parallel.ep=3 must divide the 128 experts"),
+    ("mgrpo_qwen3_8b_math.yaml", ["train.routing_replay=true"], "train.routing_replay=true needs a mixture-of"),
     ("mgrpo_qwen3_4b_math.yaml", ["parallel.tp=4", "launch.gpus_per_node=6", "launch.policy_engines=4"],
      "world size 6 is not divisible by parallel.tp=4"),
     ("mgrpo_qwen3_4b_math.yaml", ["launch.policy_engines=4", "launch.momentum_engines=4"],

@@ -121,5 +121,5 @@ def test_transformer_config_maps_the_router_and_checks_ep():
     assert config.moe_router_load_balancing_type == "none" and config.moe_shared_expert_intermediate_size is None
     with pytest.raises(ValueError, match="parallel.ep=3 must divide the number of experts 4"):
         transformer_config(spec, ep=3)
-    with pytest.raises(ValueError, match="parallel.ep=2 / routing replay need a MoE model"):
+    with pytest.raises(ValueError, match="parallel.ep=2 / train.routing_replay=False need a MoE model"):
         transformer_config(model_spec_from_hf(tiny("qwen3").config), ep=2)

@@ -149,3 +149,24 @@ def test_truncated_sampling_reports_the_renormalised_logprob(make_tiny_qwen3, to
         expected = [lp[row.index(t)].item() for t, row, lp in
                     zip(s.response_ids, top.indices.tolist(), torch.log_softmax(top.values, -1))]
         assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_moe_update_with_checkpoint_names_reaches_the_fused_experts(kind, tokenizer):
+    """Exports name every expert's projections apart (the checkpoint layout); transformers keeps
+    them fused in memory. An update must land in the right expert, gate and up halves included."""
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.models.weight_map import checkpoint_layout
+    from tests.unit.models.test_weight_map import tiny
+
+    engine_model, target = tiny(kind).eval(), tiny(kind).eval()
+    with torch.no_grad():
+        for param in target.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    exported = {k: v.clone() for k, v in checkpoint_layout(target.state_dict(), model_spec_from_hf(target.config)).items()}
+    assert any(".experts.3." in name for name in exported)
+    engine = HFEngine(engine_model, tokenizer)
+    engine.update_weights(exported.items(), version=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(input_ids=ids).logits, target(input_ids=ids).logits)

@@ -4,13 +4,17 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
-from megatron_mgrpo.rollout.sglang_engine import SGLangEngine, generate_payload, parse_generate_reply
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.sglang_engine import (SGLangEngine, generate_payload, init_group_payload,
+                                                  parse_generate_reply)
+from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 
 FAKE = Path(__file__).parent / "fake_sglang"
 
@@ -91,6 +95,58 @@ def test_tensor_mode_resumes_memory_around_bucketed_pushes(tmp_path):
         engine.shutdown()
 
 
+def test_distributed_mode_sends_weights_through_a_real_weight_group(tmp_path):
+    """The fake server joins a gloo group with the engine's broadcaster and receives each bucket by
+    broadcast: what SGLang does over NCCL. The group is formed once and reused; a restarted server
+    gets the last weights from the snapshot and joins a new group at the next push."""
+    (tmp_path / "model").mkdir()
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, 2, group_name="mgrpo-policy-0", backend="gloo", device="cpu",
+                                    timeout_s=60)
+    engine = make_engine(tmp_path, weight_sync="distributed", broadcaster=broadcaster, bucket_bytes=16)
+    one = SamplingParams(max_new_tokens=1)
+    try:
+        engine.update_weights(weights(0.5), version=1)  # 4 * 0.5 + 6 * 0.5 = 5
+        (join,) = requests(tmp_path, "/init_weights_update_group")
+        assert join == init_group_payload(broadcaster) and join["master_port"] > 0
+        pushes = requests(tmp_path, "/update_weights_from_distributed")
+        assert [p["names"] for p in pushes] == [["model.norm.weight"], ["lm_head.weight"]]  # 16 + 24 bytes
+        assert [p["flush_cache"] for p in pushes] == [False, True] and pushes[-1]["weight_version"] == "1"
+        sample = engine.generate([[1]], n=1, sampling=one)[0]
+        assert sample.logprobs == [-5.0] and sample.weights_version == 1
+
+        engine.update_weights(weights(1.0), version=2)  # the same group: no second join
+        assert len(requests(tmp_path, "/init_weights_update_group")) == 1
+        assert len(requests(tmp_path, "/update_weights_from_distributed")) == 4
+        assert engine.generate([[1]], n=1, sampling=one)[0].logprobs == [-10.0]
+        assert not requests(tmp_path, "/update_weights_from_disk")
+
+        os.killpg(engine.server._proc.pid, signal.SIGKILL)  # restarted, given weights 2 from the snapshot
+        sample = engine.generate([[1]], n=1, sampling=one)[0]
+        assert sample.logprobs == [-10.0] and sample.weights_version == 2
+        assert [r["weight_version"] for r in requests(tmp_path, "/update_weights_from_disk")] == ["2"]
+        engine.update_weights(weights(2.0), version=3)  # the new server joins a new group (on a fresh port)
+        joins = requests(tmp_path, "/init_weights_update_group")
+        assert len(joins) == 2 and joins[1]["master_port"] != joins[0]["master_port"]
+        assert engine.generate([[1]], n=1, sampling=one)[0].logprobs == [-20.0]
+    finally:
+        engine.shutdown()
+    assert broadcaster.group is None
+
+
+def test_a_refused_group_join_is_an_error_at_once(tmp_path):
+    """A server that refuses to join (here: the fake, for a world of 3) fails the push with its own
+    reason, without waiting out the rendezvous timeout."""
+    (tmp_path / "model").mkdir()
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, 3, group_name="mgrpo-policy-0", backend="gloo", device="cpu",
+                                    timeout_s=120)
+    engine = make_engine(tmp_path, weight_sync="distributed", broadcaster=broadcaster, tp_size=2)
+    try:
+        with pytest.raises(ServerError, match="(?s)refused joining weight group 'mgrpo-policy-0'.*world_size 2"):
+            engine.update_weights(weights(1.0), version=1)
+    finally:
+        engine.shutdown()
+
+
 def test_truncated_sampling_reads_the_renormalised_logprobs():
     sampling = SamplingParams(top_k=5, max_new_tokens=2)
     body = generate_payload([1, 2], 2, sampling)
@@ -116,6 +172,44 @@ def test_routed_experts_become_per_layer_tensors(tmp_path):
         engine.shutdown()
 
 
+def test_attached_server_is_used_but_never_started_or_stopped(tmp_path):
+    """A server a launcher started (as `mgrpo launch` does on the rollout nodes): the engine talks
+    to it at its URL, writes weights where the server can read them, leaves it running at
+    shutdown; a server that goes down mid-run is waited for, and once its supervisor brings it
+    back it is given the last weights again before the request is retried."""
+    (tmp_path / "model").mkdir()
+    port = free_port()
+    env = {"PYTHONPATH": os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_SGLANG_DIR": str(tmp_path)}
+    launched = ServerProcess(ServerSpec(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "model"), "--host", "127.0.0.1",
+         "--port", str(port), "--api-key", "k", "--dtype", "auto", "--tp-size", "1"],
+        port=port, log_file=tmp_path / "launcher.log", api_key="k", env=env, startup_timeout_s=60))
+    with launched:
+        engine = SGLangEngine(tmp_path / "model", url=f"http://127.0.0.1:{port}", api_key="k",
+                              weights_dir=tmp_path / "shared", startup_timeout_s=3, max_retries=1)
+        assert engine.health()["url"] == f"http://127.0.0.1:{port}"
+        engine.update_weights(weights(0.5), version=2)
+        (load,) = requests(tmp_path, "/update_weights_from_disk")
+        assert Path(load["model_path"]).parent == tmp_path / "shared"
+        assert engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0].logprobs == [-5.0]
+
+        launched.stop()  # gone, and nobody brings it back: a clear error once the wait is over
+        with pytest.raises(ServerError, match=f"(?s)127.0.0.1:{port}/health after 3 s.*started elsewhere"):
+            engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))
+        restart = threading.Timer(1.0, launched.start)  # its supervisor brings it back while we wait
+        restart.start()
+        sample = engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0]
+        restart.join()
+        assert sample.logprobs == [-5.0] and sample.weights_version == 2
+        assert [r["weight_version"] for r in requests(tmp_path, "/update_weights_from_disk")] == ["2", "2"]
+
+        engine.shutdown()
+        assert launched.is_alive() and launched.healthy()
+    with pytest.raises(ValueError, match="must look like http://HOST:PORT"):
+        SGLangEngine(tmp_path / "model", url="127.0.0.1:30000")
+
+
 def test_bad_configurations_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="weight_sync='rdma'"):
         SGLangEngine(tmp_path, weight_sync="rdma")
@@ -124,3 +218,12 @@ def test_bad_configurations_name_the_fix(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="no num_experts_per_tok"):
         SGLangEngine(tmp_path, routed_experts=True)
+
+
+def test_requests_failing_together_restart_the_server_once(engine, tmp_path):
+    engine.update_weights(weights(0.5), version=4)
+    os.killpg(engine.server._proc.pid, signal.SIGKILL)
+    samples = engine.generate([[1], [2], [3], [4], [5], [6]], n=1, sampling=SamplingParams(max_new_tokens=1))
+    assert [s.logprobs for s in samples] == [[-5.0]] * 6  # every retry served by the restarted server, weights 4
+    assert engine.server.log_excerpt().count("==== starting") == 2  # the first start and one restart
+    assert [r["weight_version"] for r in requests(tmp_path, "/update_weights_from_disk")] == ["4", "4"]

@@ -4,6 +4,12 @@ Generation is deterministic and driven by the loaded weights, so a test can tell
 served a request: each sample repeats the prompt's last token `max_new_tokens` times, and every
 token's log-prob is minus the sum of all loaded tensors' elements (0 before any load). Every
 request is appended to `<log dir>/requests.jsonl` for the test to inspect.
+
+Weights arrive from a file (`/update_weights_from_disk`) or, as on SGLang's distributed path,
+through a real weight-update group (gloo): `/init_weights_update_group` joins it as the one
+server rank and `/update_weights_from_distributed` receives the named tensors by broadcast, in
+order. Both block inside the request, as SGLang's do, while the trainer forms the group or sends;
+ThreadingHTTPServer answers other requests meanwhile.
 """
 
 import argparse
@@ -24,23 +30,64 @@ REQUIRED = {"/update_weights_from_disk": {"model_path"}, "/update_weights_from_t
 
 def parse_args():
     parser = argparse.ArgumentParser()
-    for flag in ("--model-path", "--host", "--port", "--api-key", "--dtype", "--tp-size"):
+    for flag in ("--model-path", "--host", "--port", "--dtype", "--tp-size"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--api-key")  # without it (as `mgrpo launch` starts servers) any client is served
     for flag in ("--skip-server-warmup", "--enable-memory-saver", "--enable-return-routed-experts"):
         parser.add_argument(flag, action="store_true")
     return parser.parse_args()
 
 
 class State:
+    weights = {}  # name -> tensor: what has been loaded, by either path
     logprob = 0.0
     version = "default"
+    groups = {}  # group name -> the weight-update process group joined
 
 
-def load(model_path):
+def load(tensors):
+    State.weights.update(tensors)
+    State.logprob = -float(sum(t.double().sum() for t in State.weights.values()))
+
+
+def load_from_disk(body):
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(model_path) / "model.safetensors"))
-    State.logprob = -float(sum(t.double().sum() for t in tensors.values()))
+    load(load_file(str(Path(body["model_path"]) / "model.safetensors")))
+    return 200, {"success": True, "message": "ok"}
+
+
+def join_group(body):
+    """Join as the server's only rank (TP rank 0 at `rank_offset`): one rank, so world size 2."""
+    from megatron_mgrpo.rollout.weight_broadcast import join_weight_group
+
+    if body["world_size"] != 2 or body["rank_offset"] != 1 or body.get("backend", "nccl") != "gloo":
+        return 400, {"success": False, "message": f"the fake server is one gloo rank after the trainer: needs "
+                                                  f"world_size 2, rank_offset 1, backend gloo; got {body}"}
+    name = body.get("group_name", "weight_update_group")
+    State.groups[name] = join_weight_group(body["master_address"], body["master_port"], body["rank_offset"],
+                                           body["world_size"], name, "gloo", timeout_s=60)
+    return 200, {"success": True, "message": "joined"}
+
+
+def receive_weights(body):
+    """Receive the bucket's tensors in the order named, then load them as a disk load would."""
+    import torch
+    import torch.distributed as dist
+
+    group = State.groups.get(body.get("group_name", "weight_update_group"))
+    if group is None:
+        return 400, {"success": False, "message": f"no weight group {body.get('group_name')!r}: join it first"}
+    tensors = {}
+    for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+        tensors[name] = torch.empty(shape, dtype=getattr(torch, dtype))
+        dist.broadcast(tensors[name], src=0, group=group)
+    load(tensors)
+    return 200, {"success": True, "message": "ok"}
+
+
+WEIGHT_ROUTES = {"/update_weights_from_disk": load_from_disk, "/init_weights_update_group": join_group,
+                 "/update_weights_from_distributed": receive_weights}
 
 
 def generate(body):
@@ -70,14 +117,17 @@ def main():
 
     class Handler(BaseHTTPRequestHandler):
         def authorized(self):
-            if self.headers.get("Authorization") != f"Bearer {args.api_key}":
+            if args.api_key and self.headers.get("Authorization") != f"Bearer {args.api_key}":
                 self.reply(401, {"error": "bad api key"})
                 return False
             return True
 
         def do_GET(self):
-            if self.authorized():
-                self.reply(200 if self.path == "/health" else 404, {})
+            if not self.authorized():
+                return
+            if self.path == "/model_info":
+                return self.reply(200, {"weight_version": State.version})
+            self.reply(200 if self.path == "/health" else 404, {})
 
         def do_POST(self):
             if not self.authorized():
@@ -93,11 +143,11 @@ def main():
                     fail_next.unlink()
                     return self.reply(503, {"error": "overloaded"})
                 return self.reply(*generate(body))
-            if self.path == "/update_weights_from_disk":
-                load(body["model_path"])
-            if "weight_version" in body:
+            route = WEIGHT_ROUTES.get(self.path, lambda _: (200, {"success": True, "message": "ok"}))
+            status, reply = route(body)
+            if status == 200 and "weight_version" in body:
                 State.version = body["weight_version"]
-            self.reply(200, {"success": True, "message": "ok"})
+            self.reply(status, reply)
 
         def reply(self, status, payload):
             data = json.dumps(payload).encode()

@@ -1,0 +1,110 @@
+"""Which weight sync the trainer picks for its SGLang servers, and the group it builds for them."""
+
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mgrpo.config import ConfigError, load_config
+from megatron_mgrpo.rollout import SamplingParams
+from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
+from megatron_mgrpo.rollout.weight_broadcast import rank0_address, trainer_broadcaster
+from megatron_mgrpo.trainer import Trainer
+
+FAKE = Path(__file__).parent / "fake_sglang"
+EXAMPLES = Path(__file__).parents[3] / "examples" / "configs"
+
+
+def mode(*overrides, path=None):
+    return weight_sync_mode(load_config(path, list(overrides)))
+
+
+def test_auto_is_distributed_only_for_disaggregated_sglang():
+    assert mode("rollout.engine=sglang", "launch.placement=disaggregated") == "distributed"
+    assert mode("rollout.engine=sglang", "launch.placement=colocated") == "disk"
+    assert mode("rollout.engine=vllm", "launch.placement=disaggregated") == "disk"
+    assert mode() == "disk"  # the in-process engine
+    assert mode("rollout.engine=sglang", "launch.placement=disaggregated", "rollout.weight_sync=disk") == "disk"
+    assert mode("rollout.engine=sglang", "launch.placement=disaggregated",
+                "rollout.weight_sync=distributed") == "distributed"
+
+
+@pytest.mark.parametrize("recipe", ["mgrpo_qwen3_8b_math.yaml", "mgrpo_qwen3_30b_a3b_math.yaml"])
+def test_the_disaggregated_recipes_sync_through_the_weight_group(recipe):
+    assert mode(path=EXAMPLES / recipe) == "distributed"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.engine=vllm", "launch.placement=disaggregated"], "rollout.engine=vllm does not have"),
+    (["rollout.engine=hf"], "rollout.engine=hf does not have"),
+    (["rollout.engine=sglang", "launch.placement=colocated"], "cannot hold two ranks on one GPU"),
+])
+def test_distributed_where_it_cannot_work_names_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=f"(?s)rollout.weight_sync=distributed.*{message}.*rollout.weight_sync=auto"):
+        load_config(overrides=[*overrides, "rollout.weight_sync=distributed"])
+
+
+def test_servers_connect_to_the_jobs_rendezvous_host():
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[003-006]"}
+    assert rank0_address(remote=True, env=slurm) == "gpu003"  # rank 0 runs on the first training node
+    assert rank0_address(remote=True, env={**slurm, "MASTER_ADDR": "gpu004-ib"}) == "gpu004-ib"
+    torchrun = {"RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "trainer-0"}
+    assert rank0_address(remote=True, env=torchrun) == "trainer-0"
+    assert rank0_address(remote=False, env={}) == "127.0.0.1"  # a lone process, its servers on this host
+    assert rank0_address(remote=True, env={}) == socket.getfqdn()  # ... and on others: what this host calls itself
+
+
+def test_trainer_broadcaster_on_cpu():
+    broadcaster = trainer_broadcaster("mgrpo-momentum-1", 4, remote=False)
+    assert (broadcaster.world_size, broadcaster.group_name, broadcaster.master_port) == (5, "mgrpo-momentum-1", 0)
+    assert (broadcaster.backend, broadcaster.device) == ("gloo", torch.device("cpu"))
+
+
+def test_trainer_attaches_disaggregated_sglang_servers_through_weight_groups(tmp_path, monkeypatch):
+    """The trainer's wiring end to end on CPU: a launched (fake) SGLang server named in
+    MGRPO_POLICY_URLS gets its own gloo group and receives weights through it; when it comes back
+    after being unreachable it is left alone if it kept its weights, and if it was restarted the
+    engine, with no copy to restore it from, says so (the next push forms a new group); the group
+    is left when the trainer closes."""
+    (tmp_path / "model").mkdir()
+    port = free_port()
+    launched = ServerProcess(ServerSpec(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "model"), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "auto", "--tp-size", "1"],
+        port=port, log_file=tmp_path / "launcher.log", startup_timeout_s=60,
+        env={"PYTHONPATH": os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+             "FAKE_SGLANG_DIR": str(tmp_path)}))
+    monkeypatch.setenv("MGRPO_POLICY_URLS", f"http://127.0.0.1:{port}")
+    trainer = Trainer.__new__(Trainer)  # only what `_engines` and `close` read: no model, no Megatron
+    trainer.cfg = load_config(overrides=["rollout.engine=sglang", "launch.placement=disaggregated"])
+    trainer.run_dir, trainer.model_dir, trainer.grader = tmp_path / "run", tmp_path / "model", None
+    with launched:
+        (engine,) = trainer._engines("policy")
+        trainer.pools = RolloutPools(EnginePool("policy", [engine]))
+        assert engine.weight_sync == "distributed" and engine.broadcaster.group_name == "mgrpo-policy-0"
+        engine.update_weights([("lm_head.weight", torch.full((2, 3), 0.5))], version=1)
+        assert engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0].logprobs == [-3.0]
+        routes = [json.loads(line)["route"] for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+        assert "/init_weights_update_group" in routes and "/update_weights_from_disk" not in routes
+        assert engine._snapshot_dir is None  # no file per push, not even in this host's memory
+        group = engine.broadcaster.group
+        engine._repush_weights()  # what recovery does once it answers again: still version 1, nothing to do
+        assert engine.broadcaster.group is group
+
+        launched.stop()
+        restart = threading.Timer(1.0, launched.start)  # as if a supervisor brought it back
+        restart.start()
+        with pytest.raises(ServerError, match="(?s)back with weights version 'default' instead of 1.*weight_sync=disk"):
+            engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))
+        restart.join()
+        engine.update_weights([("lm_head.weight", torch.full((2, 3), 1.0))], version=2)  # in a new group
+        assert engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0].logprobs == [-6.0]
+        trainer.close()
+        assert engine.broadcaster.group is None and launched.healthy()
