@@ -106,12 +106,17 @@ def pack_by_tokens(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return groups
 
 
-def collate(sequences: TrainSequences, indices: list[int], pad_id: int = 0) -> MicroBatch:
-    """Pad `indices` of `sequences` into one micro-batch (right padding)."""
-    width = max(len(sequences.tokens[i]) for i in indices)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros(len(indices), width - 1, dtype=torch.bool)
-    fields = {name: torch.zeros(len(indices), width - 1) for name in sequences.token_fields}
+def collate(sequences: TrainSequences, indices: list[int], pad_id: int = 0, *, rows: int | None = None,
+            width: int | None = None, routing_shape: tuple[int, int] | None = None) -> MicroBatch:
+    """Pad `indices` of `sequences` into one micro-batch (right padding), by default as many rows
+    as sequences and as wide as the longest; `rows` / `width` pad further (rows past the
+    sequences are all padding: no response tokens). `routing_shape` = (layers, topk) of the
+    model, for the routing of rows without sequences."""
+    rows = len(indices) if rows is None else rows
+    width = max(len(sequences.tokens[i]) for i in indices) if width is None else width
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(rows, width - 1, dtype=torch.bool)
+    fields = {name: torch.zeros(rows, width - 1) for name in sequences.token_fields}
     for row, index in enumerate(indices):
         tokens, prompt = sequences.tokens[index], sequences.prompt_lengths[index]
         input_ids[row, :len(tokens)] = torch.tensor(tokens)
@@ -120,14 +125,16 @@ def collate(sequences: TrainSequences, indices: list[int], pad_id: int = 0) -> M
         for name, values in sequences.token_fields.items():
             fields[name][row, response] = torch.as_tensor(values[index], dtype=torch.float32)
     for name, values in sequences.sequence_fields.items():
-        fields[name] = torch.tensor([float(values[i]) for i in indices])
-    positions = torch.arange(width)[None].expand(len(indices), width)
+        fields[name] = torch.zeros(rows)
+        fields[name][:len(indices)] = torch.tensor([float(values[i]) for i in indices])
+    positions = torch.arange(width)[None].expand(rows, width)
     routing = None
     if sequences.routing is not None:
         from megatron_mgrpo.train.routing_replay import batch_routing
 
         routed = [sequences.routing[i] for i in indices]
-        routing = batch_routing(routed, width, topk=routed[0][0].shape[-1])
+        layers, topk = routing_shape or (len(routed[0]), routed[0][0].shape[-1])
+        routing = batch_routing(routed, width, topk, rows=rows, layers=layers)
     return MicroBatch(indices, input_ids, positions, input_ids[:, 1:], response_mask, fields, routing)
 
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.models.hf_config import ModelSpec
 from megatron_mgrpo.sync.export import export_hf_weights
-from megatron_mgrpo.train.batching import MicroBatch, TrainSequences, data_parallel_share, micro_batches
+from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, collate, data_parallel_share, micro_batches,
+                                          pack_by_tokens)
 from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy
 from megatron_mgrpo.train.momentum import ShadowWeights
 from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
@@ -112,9 +113,27 @@ class MegatronPolicy:
                 self.replay.clear()
 
     def _my_share(self, sequences: TrainSequences) -> tuple[list[int], list[MicroBatch]]:
-        """This data-parallel rank's sequence indices and their micro-batches."""
+        """This data-parallel rank's sequence indices and their micro-batches.
+
+        With experts split over ranks (EP > 1) every MoE layer's forward exchanges tokens with the
+        other expert-parallel ranks, which are other data-parallel ranks: they must run the same
+        number of micro-batches, and (CPU's allgather dispatcher) of the same shape. Then the
+        data-parallel ranks agree on the largest plan and pad to it, a rank with fewer sequences
+        running all-padding micro-batches (no response tokens: nothing reaches the loss)."""
+        from megatron.core import parallel_state as ps
+
         share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
-        return share, micro_batches(sequences.subset(share), self.cfg.train.micro_batch_tokens, self.pad_id)
+        mine = sequences.subset(share)
+        if ps.get_expert_model_parallel_world_size() == 1:
+            return share, micro_batches(mine, self.cfg.train.micro_batch_tokens, self.pad_id)
+        groups = pack_by_tokens([len(tokens) for tokens in mine.tokens], self.cfg.train.micro_batch_tokens)
+        routing_shape = (self.spec.num_layers, self.spec.moe_topk) if self.replay is not None else None
+        shapes = [(len(group), max(len(mine.tokens[i]) for i in group)) for group in groups]
+        plans = _from_every_data_parallel_rank(shapes)
+        plan = [tuple(max(p[i][d] for p in plans if i < len(p)) for d in (0, 1))
+                for i in range(max(map(len, plans)))]
+        return share, [collate(mine, groups[i] if i < len(groups) else [], self.pad_id, rows=rows, width=width,
+                               routing_shape=routing_shape) for i, (rows, width) in enumerate(plan)]
 
     def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, temperature: float):
         return vocab_parallel_logprobs_and_entropy(logits[:, :-1], batch.targets, self.spec.vocab_size, temperature)

@@ -26,19 +26,25 @@ from typing import Any
 import torch
 
 
-def batch_routing(routed: Sequence[Sequence[Any]], seq_len: int, topk: int) -> list[torch.Tensor]:
-    """Per layer, the [seq_len x batch, topk] expert ids of a right-padded batch in megatron's token
+def batch_routing(routed: Sequence[Sequence[Any]], seq_len: int, topk: int, *, rows: int | None = None,
+                  layers: int | None = None) -> list[torch.Tensor]:
+    """Per layer, the [seq_len x rows, topk] expert ids of a right-padded batch in megatron's token
     order, from each sample's per-layer [tokens, topk] ids (`Sample.routed_experts`, tokens from
-    the start of the sequence). Padding positions get experts 0..topk-1: with no expert capacity
-    they change no other token, and the loss masks them."""
-    if not routed:
-        raise ValueError("batch_routing needs at least one sample's routed experts")
-    layers = len(routed[0])
+    the start of the sequence). Padding positions, and padding rows beyond the samples (`rows`,
+    default one per sample), get experts 0..topk-1: with no expert capacity they change no other
+    token, and the loss masks them. `layers` is needed only when there are no samples."""
+    rows = len(routed) if rows is None else rows
+    if layers is None:
+        if not routed:
+            raise ValueError("batch_routing needs at least one sample's routed experts, or `layers`")
+        layers = len(routed[0])
     if any(len(sample) != layers for sample in routed):
-        raise ValueError(f"samples report routing for different numbers of layers: {[len(s) for s in routed]}")
+        raise ValueError(f"samples report routing for {[len(s) for s in routed]} layers; the model has {layers}")
+    if rows < len(routed):
+        raise ValueError(f"rows={rows} leaves no room for {len(routed)} samples")
     out = []
     for layer in range(layers):
-        grid = torch.arange(topk).expand(seq_len, len(routed), topk).clone()
+        grid = torch.arange(topk).expand(seq_len, rows, topk).clone()
         for b, sample in enumerate(routed):
             ids = torch.as_tensor(sample[layer], dtype=torch.int64)
             if ids.dim() != 2 or ids.shape[0] > seq_len or ids.shape[1] != topk:

@@ -164,9 +164,12 @@ def test_sigusr1_checkpoints_at_the_end_of_the_step_and_exits(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_moe_model_trains_with_the_engines_routing_replayed(tmp_path):
     """A Qwen3-MoE policy with train.routing_replay: both in-process engines report each token's
-    experts and every Megatron forward (scoring, KL, training) imposes them."""
+    experts and every Megatron forward (scoring, KL, training) imposes them; with the experts
+    split over two ranks (EP=2, so also two data-parallel ranks with uneven shares) the first
+    step equals the single-process one."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from megatron_mgrpo.models.builtin import build_tokenizer, save_hf_directory
@@ -178,8 +181,13 @@ def test_moe_model_trains_with_the_engines_routing_replayed(tmp_path):
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     save_hf_directory(Qwen3MoeForCausalLM(config), tokenizer, tmp_path / "moe")
-    run_cli(tmp_path / "run", f"model.path={tmp_path / 'moe'}", "train.routing_replay=true", "train.steps=1",
-            "eval.prompts=0")
-    record = read_metrics(tmp_path / "run")[0]
-    assert record["iqr/kept"] > 0 and math.isfinite(record["train/loss"]) and math.isfinite(record["kl/mean"])
-    assert 0 <= record["label/agreement"] <= 1  # the momentum engine sampled (and routed) too
+    overrides = [f"model.path={tmp_path / 'moe'}", "train.routing_replay=true", "train.steps=1", "eval.prompts=0"]
+    run_cli(tmp_path / "ep1", *overrides)
+    mp.start_processes(_spawned_train, args=(2, free_port(), overrides + ["parallel.ep=2"], tmp_path / "ep2"),
+                       nprocs=2, start_method="spawn")
+    single, split = read_metrics(tmp_path / "ep1")[0], read_metrics(tmp_path / "ep2")[0]
+    assert single["iqr/kept"] > 0 and math.isfinite(single["train/loss"]) and math.isfinite(single["kl/mean"])
+    assert 0 <= single["label/agreement"] <= 1  # the momentum engine sampled (and routed) too
+    assert split["reward/mean"] == single["reward/mean"]  # identical samples
+    for key in ("train/loss", "train/grad_norm", "entropy/mean", "kl/mean"):
+        assert split[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key

@@ -157,9 +157,10 @@ class _IdTokenizer:
         return " ".join(map(str, ids))
 
 
-def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) -> None:
+def check_engine_routing_is_replayed(rank: int, world: int, pp: int, ep: int, port: int) -> None:
     """The in-process engine records every position's experts, and the Megatron policy's forward
-    uses exactly those (on its pipeline stage's layers), not the ones its own router prefers."""
+    uses exactly those (on its pipeline stage's layers, its data-parallel share of the sequences,
+    with experts split over EP ranks), not the ones its own router prefers."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_mgrpo.config import load_config
@@ -167,10 +168,10 @@ def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) 
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
     from megatron_mgrpo.rollout.hf_engine import HFEngine
     from megatron_mgrpo.rollout.types import SamplingParams
-    from megatron_mgrpo.train.batching import TrainSequences, micro_batches
+    from megatron_mgrpo.train.batching import TrainSequences, data_parallel_share
     from megatron_mgrpo.train.policy import MegatronPolicy
 
-    init_distributed(pp=pp, launch=Launch(rank, world, rank, "127.0.0.1", port))
+    init_distributed(pp=pp, ep=ep, launch=Launch(rank, world, rank, "127.0.0.1", port))
     try:
         hf_model = tiny("qwen3_moe").eval()
         engine = HFEngine(hf_model, _IdTokenizer(), routed_experts=True)
@@ -185,7 +186,7 @@ def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) 
                 assert torch.equal(layer.long().sort(-1).values, logits.topk(2).indices[:-1].sort(-1).values)
 
         cfg = load_config(overrides=["train.routing_replay=true", "model.dtype=fp32", f"parallel.pp={pp}",
-                                     "train.micro_batch_tokens=30"])
+                                     f"parallel.ep={ep}", "train.micro_batch_tokens=30"])
         policy = MegatronPolicy(model_spec_from_hf(hf_model.config), hf_model.state_dict(), cfg, momentum=False)
         routers = [m for m in policy.module.modules() if isinstance(m, TopKRouter)]
         with torch.no_grad():  # a router that prefers other experts than the engine's
@@ -201,19 +202,20 @@ def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) 
         def chosen_per_sequence():
             """(sequence, layer) -> the experts the policy's forward used at each engine-routed position."""
             out, maps = {}, iter(list(seen))
-            for batch in micro_batches(sequences, cfg.train.micro_batch_tokens):
-                width = batch.input_ids.shape[1]
+            share, batches = policy._my_share(sequences)  # with EP=2: padded to the other rank's plan
+            for batch in batches:
+                width, rows = batch.input_ids.shape[1], batch.input_ids.shape[0]
                 for _ in routers:
                     layer, routing_map = next(maps)
-                    ids = _chosen(routing_map).view(width, len(batch.indices), 2)
+                    ids = _chosen(routing_map).view(width, rows, 2)
                     for row, index in enumerate(batch.indices):
-                        out[index, layer] = ids[:len(sequences.tokens[index]) - 1, row]
+                        out[share[index], layer] = ids[:len(sequences.tokens[share[index]]) - 1, row]
             seen.clear()
             return out
 
         policy.score(sequences)
         replayed = chosen_per_sequence()
-        assert len(replayed) == len(samples) * len(routers)
+        assert len(replayed) == len(data_parallel_share(len(samples), policy.dp_rank, policy.dp_size)) * len(routers)
         for (index, layer), ids in replayed.items():
             assert torch.equal(ids, samples[index].routed_experts[layer].long().sort(-1).values)
 
@@ -233,6 +235,8 @@ def check_engine_routing_is_replayed(rank: int, world: int, pp: int, port: int) 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("pp", [1, 2], ids=["PP=1", "PP=2"])
-def test_engine_routing_is_replayed_by_the_policy(pp):
-    mp.start_processes(check_engine_routing_is_replayed, args=(pp, pp, free_port()), nprocs=pp, start_method="spawn")
+@pytest.mark.parametrize("pp, ep", [(1, 1), (2, 1), (1, 2)], ids=["PP=1", "PP=2", "EP=2"])
+def test_engine_routing_is_replayed_by_the_policy(pp, ep):
+    world = pp * ep  # EP=2 also means two data-parallel ranks, each scoring its own share
+    mp.start_processes(check_engine_routing_is_replayed, args=(world, pp, ep, free_port()), nprocs=world,
+                       start_method="spawn")
