@@ -1,15 +1,15 @@
 """The M-GRPO trainer: one step, top to bottom, and the run around it.
 
     sample M from the policy pool and N from the momentum pool
-    -> extract answers, vote, rewards (the label source)
     -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel; MoE routing
-       replayed from the engines when train.routing_replay is on)
+       replayed from the engines when train.routing_replay is on; Intuitor's self-certainty)
+    -> extract answers, vote, rewards (the label source)
     -> IQR filter over the G trajectory entropies, advantages over the kept policy responses
     -> PPO-clip / TIS / KL loss, optimizer step -> EMA update of the momentum shards
     -> weight sync to the engines -> metrics -> checkpoint
 
-Rank 0 drives the rollout engines and the grader and broadcasts the step's samples and rewards;
-every rank then runs the Megatron part (TP / PP / DP) on identical inputs. Baselines are the
+Rank 0 drives the rollout engines and the grader and broadcasts the step's samples, then its
+rewards; every rank runs the Megatron part (TP / PP / DP) on identical inputs. Baselines are the
 same step with another `reward.label_source` (`srt`, `ttrl`, `gt`, `intuitor`) and the
 ablation switches `rollout.momentum_samples` / `algo.iqr_filter`.
 """
@@ -46,11 +46,9 @@ EMBEDDED_PRESET = str(Path(__file__).parent / "presets" / "tiny_cpu.yaml")
 
 
 @dataclasses.dataclass
-class Rollout:
-    """One step's samples and rewards, identical on every rank. Sequences are prompt-major:
-    prompt p owns rows p*G .. p*G+G-1, the M policy responses first, then the N momentum ones."""
+class Rewards:
+    """One step's rewards, identical on every rank."""
 
-    sequences: TrainSequences
     rewards: torch.Tensor  # [P, M]
     trainable: torch.Tensor  # [P, M] bool: the response has a reward (its prompt got a label; ttrl: a subset)
     metrics: dict[str, float]
@@ -93,9 +91,6 @@ class Trainer:
         from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
 
         cfg = self.cfg
-        if cfg.reward.label_source == "intuitor" and cfg.rollout.engine != "hf":
-            raise ValueError(f"reward.label_source=intuitor scores self-certainty with the in-process engine's "
-                             f"model; rollout.engine={cfg.rollout.engine} has none: use rollout.engine=hf")
         policy = EnginePool("policy", self._engines("policy", hf_model))
         momentum = EnginePool("momentum", self._engines("momentum")) if self.n else None
         self.pools = RolloutPools(policy, momentum)
@@ -106,22 +101,31 @@ class Trainer:
 
     def _engines(self, pool: str, hf_model=None) -> list:
         """The pool's engines: the servers a launcher started and named in `MGRPO_<POOL>_URLS`
-        (`mgrpo launch` does, one URL per engine), else one engine of our own."""
+        (`mgrpo launch` does, one URL per engine), else one engine of our own. SGLang servers
+        synced through a weight group (rollout.weight_sync resolves to distributed) share one per
+        pool, `mgrpo-<pool>`: trainer rank 0 and the launch.rollout_tp GPUs of every server."""
         from megatron_mgrpo.rollout.pools import URLS_ENV
+        from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
+        from megatron_mgrpo.rollout.weight_broadcast import trainer_broadcaster
 
         urls = [url.strip() for url in os.environ.get(URLS_ENV[pool], "").split(",") if url.strip()]
         if urls and self.cfg.rollout.engine == "hf":
             raise ValueError(f"{URLS_ENV[pool]} names rollout servers, but rollout.engine=hf samples in-process: "
                              f"set rollout.engine to the servers' kind (vllm or sglang), or unset {URLS_ENV[pool]}")
-        return [self._engine(pool, url=url, index=i) for i, url in enumerate(urls)] or [self._engine(pool, hf_model)]
+        broadcaster = None
+        if urls and self.cfg.rollout.engine == "sglang" and weight_sync_mode(self.cfg) == "distributed":
+            broadcaster = trainer_broadcaster(f"mgrpo-{pool}", len(urls) * self.cfg.launch.rollout_tp,
+                                              remote=not all(map(_on_this_host, urls)))
+        return ([self._engine(pool, url=url, index=i, broadcaster=broadcaster) for i, url in enumerate(urls)]
+                or [self._engine(pool, hf_model)])
 
-    def _engine(self, name: str, hf_model=None, url: str | None = None, index: int = 0):
+    def _engine(self, name: str, hf_model=None, url: str | None = None, index: int = 0, broadcaster=None):
         """A rollout engine on the starting weights: in-process, a vLLM / SGLang server started with
         `launch.engine_python` (an environment that has the server installed), or the server at
         `url` (engine `index` of its pool). Weights reach a server through files: shared memory on
         this host, the run directory (a file system the cluster shares) for a server elsewhere;
-        but an SGLang server at `url` gets them through a weight group of its own (trainer rank 0
-        and its launch.rollout_tp GPUs) when rollout.weight_sync resolves to distributed."""
+        but an SGLang server at `url` given its pool's `broadcaster` gets them through the pool's
+        weight group, its launch.rollout_tp ranks from 1 + index * launch.rollout_tp on."""
         kind, python, logs = self.cfg.rollout.engine, self.cfg.launch.engine_python, self.run_dir / "logs"
         server = {"url": url}
         if url and not _on_this_host(url):
@@ -134,13 +138,12 @@ class Trainer:
                               max_model_len=self.cfg.launch.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
                               **server)
         if kind == "sglang":
-            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine, weight_sync_mode
-            from megatron_mgrpo.rollout.weight_broadcast import trainer_broadcaster
+            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
 
-            if url and weight_sync_mode(self.cfg) == "distributed":
+            if broadcaster is not None:
                 tp = self.cfg.launch.rollout_tp
-                server.update(weight_sync="distributed", tp_size=tp, broadcaster=trainer_broadcaster(
-                    f"mgrpo-{name}-{index}", tp, remote=not _on_this_host(url)))
+                server.update(weight_sync="distributed", tp_size=tp, broadcaster=broadcaster,
+                              rank_offset=1 + index * tp)
             return SGLangEngine(self.model_dir, python=python, log_dir=logs, name=name,
                                 routed_experts=self.cfg.train.routing_replay, **server)
         from transformers import AutoModelForCausalLM
@@ -157,17 +160,22 @@ class Trainer:
         cfg, m, g = self.cfg, self.m, self.m + self.n
         batch = self.batch_indices(step)
         with phase("rollout"):
-            rollout = _broadcast(self.rollout(batch, step) if self.rank0 else None)
+            samples = self.sample(batch, step) if self.rank0 else None
+            sequences = _broadcast(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
         with phase("logprobs"):
-            scores = self.policy.score(rollout.sequences, cfg.rollout.temperature)
+            scores = self.policy.score(sequences, cfg.rollout.temperature,
+                                       self_certainty=cfg.reward.label_source == "intuitor")
+        with phase("rewards"):
+            graded = _broadcast(self.rewards(batch, samples, scores) if self.rank0 else None)
+        with phase("logprobs"):
             entropy = torch.stack([h.mean() if len(h) else torch.tensor(math.nan) for h in scores.entropy])
             entropy = entropy.view(len(batch), g)
             keep = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
                 else torch.ones(len(batch), m, dtype=torch.bool)
-            keep &= rollout.trainable
-            advantages = group_advantages(rollout.rewards, keep, cfg.algo.advantage_estimator)
+            keep &= graded.trainable
+            advantages = group_advantages(graded.rewards, keep, cfg.algo.advantage_estimator)
             rows = [p * g + i for p in range(len(batch)) for i in range(m) if keep[p, i]]
-            train_set = self.training_sequences(rollout.sequences, scores, advantages.flatten(), rows, m, g)
+            train_set = self.training_sequences(sequences, scores, advantages.flatten(), rows, m, g)
         with phase("train"):
             metrics = {}
             for part in _split(len(rows), cfg.train.updates_per_rollout):
@@ -176,9 +184,9 @@ class Trainer:
         with phase("sync"):
             self.sync_weights(step + 1)
         kl = {"kl/mean": metrics.pop("kl")} if "kl" in metrics else {}
-        return {**rollout.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl,
+        return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl,
                 "entropy/mean": float(entropy[:, :m].nanmean()), "iqr/drop_rate": float(1 - keep.float().mean()),
-                "iqr/kept": len(rows), "generated_tokens": rollout.generated_tokens}
+                "iqr/kept": len(rows), "generated_tokens": graded.generated_tokens}
 
     def objective(self, batch: MicroBatch, logp: torch.Tensor):
         """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty."""
@@ -216,48 +224,34 @@ class Trainer:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               seed=self.cfg.train.seed + 1000 * step + offset)
 
-    def rollout(self, batch: list[int], step: int) -> Rollout:
-        """Sample, extract, vote and reward (rank 0)."""
-        cfg, m = self.cfg, self.m
+    def sample(self, batch: list[int], step: int) -> list[list[Sample]]:
+        """Per prompt, its M policy samples then its N momentum samples (rank 0)."""
         prompts = [self.prompt_ids[i] for i in batch]
-        policy_samples = self.pools.policy.generate(prompts, m, self.sampling(step))
+        policy_samples = self.pools.policy.generate(prompts, self.m, self.sampling(step))
         momentum_samples = (self.pools.momentum.generate(prompts, self.n, self.sampling(step, offset=1))
                             if self.n else [[] for _ in prompts])
+        return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
+
+    def rewards(self, batch: list[int], samples: list[list[Sample]], scores) -> Rewards:
+        """Extract, vote and reward (rank 0). Intuitor's reward is each policy response's
+        self-certainty under the trainer's policy, from the scoring pass (`scores`)."""
+        cfg, m, g = self.cfg, self.m, self.m + self.n
         mode = cfg.reward.extraction
-        certainty = self.self_certainty(policy_samples) if cfg.reward.label_source == "intuitor" else None
-        groups = [PromptGroup(self.prompts[i].id, [extract_answer(s.text, mode) for s in ps],
-                              [extract_answer(s.text, mode) for s in ms], certainty[p] if certainty else None)
-                  for p, (i, ps, ms) in enumerate(zip(batch, policy_samples, momentum_samples))]
+        certainty = None
+        if cfg.reward.label_source == "intuitor":
+            certainty = [scores.self_certainty[p * g:p * g + m] for p in range(len(batch))]
+        groups = [PromptGroup(self.prompts[i].id, [extract_answer(s.text, mode) for s in group[:m]],
+                              [extract_answer(s.text, mode) for s in group[m:]], certainty[p] if certainty else None)
+                  for p, (i, group) in enumerate(zip(batch, samples))]
         results = self.labels.label(groups)
-        samples = [s for ps, ms in zip(policy_samples, momentum_samples) for s in ps + ms]
-        sequences = TrainSequences([s.prompt_ids + s.response_ids for s in samples],
-                                   [len(s.prompt_ids) for s in samples],
-                                   {"rollout_logp": [s.logprobs for s in samples]},
-                                   routing=[s.routed_experts for s in samples] if cfg.train.routing_replay else None)
         rewards = torch.zeros(len(batch), m)
         trainable = torch.zeros(len(batch), m, dtype=torch.bool)
         for p, result in enumerate(results):  # ttrl rewards only its first ttrl_train_samples responses
             rewards[p, :len(result.rewards)] = torch.tensor(result.rewards)
             trainable[p, :len(result.rewards)] = result.trained
-        metrics = self.label_metrics(groups, results, samples, [self.prompts[i].id for i in batch])
-        return Rollout(sequences, rewards, trainable, metrics, sum(len(s.response_ids) for s in samples))
-
-    @torch.no_grad()
-    def self_certainty(self, policy_samples: list[list[Sample]]) -> list[list[float]]:
-        """Intuitor's reward: self-certainty of each response under the policy engine's model
-        (which holds the current policy weights), teacher-forced."""
-        from megatron_mgrpo.algo import self_certainty_from_logits
-
-        model = self.pools.policy.engines[0].model
-        scores = []
-        for samples in policy_samples:
-            row = []
-            for s in samples:
-                ids = torch.tensor([s.prompt_ids + s.response_ids])
-                logits = model(input_ids=ids).logits[:, len(s.prompt_ids) - 1:-1]
-                row.append(float(self_certainty_from_logits(logits, torch.ones(logits.shape[:2]))[0]))
-            scores.append(row)
-        return scores
+        flat = [s for group in samples for s in group]
+        metrics = self.label_metrics(groups, results, flat, [self.prompts[i].id for i in batch])
+        return Rewards(rewards, trainable, metrics, sum(len(s.response_ids) for s in flat))
 
     def label_metrics(self, groups, results, samples: list[Sample], prompt_ids: list[str]) -> dict[str, float]:
         """Label-free health signals, plus pseudo-label accuracy against gold (monitoring only)."""
@@ -315,6 +309,15 @@ class Trainer:
         for pool in (self.pools.policy, self.pools.momentum) if self.pools else ():
             for engine in pool.engines if pool else ():
                 engine.shutdown()
+
+
+def _train_sequences(samples: list[list[Sample]], routing: bool) -> TrainSequences:
+    """Prompt-major sequences: prompt p owns rows p*G .. p*G+G-1, its M policy responses first,
+    then its N momentum ones; with the engine's log-probs and (routing replay) expert choices."""
+    flat = [s for group in samples for s in group]
+    return TrainSequences([s.prompt_ids + s.response_ids for s in flat], [len(s.prompt_ids) for s in flat],
+                          {"rollout_logp": [s.logprobs for s in flat]},
+                          routing=[s.routed_experts for s in flat] if routing else None)
 
 
 def _on_this_host(url: str) -> bool:

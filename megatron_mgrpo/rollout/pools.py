@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from megatron_mgrpo.rollout.sglang_engine import DistributedPoolPush, SGLangEngine
 from megatron_mgrpo.rollout.types import RolloutEngine, Sample, SamplingParams
 
 #: How a launcher that started the servers itself tells the trainer where each pool is:
@@ -19,13 +20,20 @@ URLS_ENV = {"policy": "MGRPO_POLICY_URLS", "momentum": "MGRPO_MOMENTUM_URLS"}
 
 
 class EnginePool:
-    """Several engines holding the same weights; prompts are spread over them evenly."""
+    """Several engines holding the same weights; prompts are spread over them evenly.
+
+    SGLang servers synced through a weight group (weight_sync='distributed') share one group per
+    pool, so `update_weights` reaches them all with one broadcast per bucket (`group_push`).
+    """
 
     def __init__(self, name: str, engines: Sequence[RolloutEngine]):
         if not engines:
             raise ValueError(f"the {name} pool needs at least one engine")
         self.name = name
         self.engines = list(engines)
+        grouped = [engine for engine in self.engines
+                   if isinstance(engine, SGLangEngine) and engine.weight_sync == "distributed"]
+        self.group_push = DistributedPoolPush(grouped) if grouped else None
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt, returned per prompt in input order."""
@@ -50,9 +58,14 @@ class EnginePool:
         return grouped
 
     def update_weights(self, named_tensors_factory, version: int) -> None:
-        """Push weights to every engine; `named_tensors_factory()` yields a fresh iterator each call."""
+        """Push weights to every engine: those of the weight group together, the others one by
+        one; `named_tensors_factory()` yields a fresh iterator each call."""
+        together = self.group_push.engines if self.group_push else []
         for engine in self.engines:
-            engine.update_weights(named_tensors_factory(), version)
+            if engine not in together:
+                engine.update_weights(named_tensors_factory(), version)
+        if self.group_push:
+            self.group_push.push(named_tensors_factory(), version)
 
 
 class RolloutPools:

@@ -24,18 +24,20 @@ Weights (`weight_sync`):
   `(name, tensor)` list pickled by torch's multiprocessing pickler (CUDA IPC handles, no copy),
   base64 for JSON, once per server TP rank. Before it the server's weights are resumed and after
   it the KV cache, if `release_memory()` freed them for training.
-- "distributed" (separate GPUs): `/init_weights_update_group` once, then per bucket
-  `/update_weights_from_distributed` names the tensors while a `WeightBroadcaster` sends them.
-  No file crosses a file system: what the trainer uses for servers on other nodes.
+- "distributed" (separate GPUs): the servers of a pool share one weight group (`rank_offset`
+  places each server's TP ranks in it), joined with `/init_weights_update_group` at the first
+  push; then per bucket every server's `/update_weights_from_distributed` names the tensors
+  while a `WeightBroadcaster` sends them once for all (`DistributedPoolPush`). No file crosses a
+  file system: what the trainer uses for servers on other nodes.
 Every push also tags the server's `weight_version`. The last pushed weights are kept as a
 safetensors file under `weights_dir`, so a restarted server is restored through the disk path
-(then joins a new weight group at the next distributed push). A server started elsewhere that
-gets its weights through the group is the exception: see `_keeps_snapshot` and
+(then the pool forms a new weight group at the next distributed push). A server started
+elsewhere that gets its weights through the group is the exception: see `_keeps_snapshot` and
 `_confirm_weights_kept`.
 
 Checked on CPU: every payload against SGLang 0.5.23's request types, the HTTP flow (retries,
 restart, re-push) against a fake server, the weight-group protocol with gloo, and the distributed
-push end to end with the fake server joining a real gloo group. Still needs a GPU
+push end to end with fake servers (one or several) joining a real gloo group. Still needs a GPU
 with a real server: generation and its reply fields, log-prob parity with the trainer (also with
 top-k / top-p through the sampling mask), the NCCL group join and broadcast update, the CUDA-IPC
 tensor update, release / resume of memory, and routed-expert ids on an MoE model.
@@ -49,7 +51,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +174,7 @@ class SGLangEngine(HTTPServerEngine):
 
     def __init__(self, model_path: str | Path, *, python: str = "python3", log_dir: str | Path = "logs",
                  name: str = "policy", dtype: str = "auto", tp_size: int = 1, weight_sync: str = "disk",
-                 broadcaster: WeightBroadcaster | None = None, routed_experts: bool = False,
+                 broadcaster: WeightBroadcaster | None = None, rank_offset: int = 1, routed_experts: bool = False,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, extra_args: Sequence[str] = (),
                  env: dict[str, str] | None = None, startup_timeout_s: float = 900.0,
                  request_timeout_s: float = 600.0, max_retries: int = 3, max_concurrency: int = 64,
@@ -180,14 +182,16 @@ class SGLangEngine(HTTPServerEngine):
         if weight_sync not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight_sync={weight_sync!r} must be one of {WEIGHT_SYNC_MODES}")
         if (weight_sync == "distributed") != (broadcaster is not None):
-            raise ValueError("weight_sync='distributed' needs a WeightBroadcaster (world_size = 1 + tp_size), "
+            raise ValueError("weight_sync='distributed' needs a WeightBroadcaster (the pool's weight group), "
                              "and only that mode takes one")
-        if broadcaster is not None and broadcaster.world_size != 1 + tp_size:
-            raise ValueError(f"broadcaster world_size={broadcaster.world_size} must be 1 + tp_size={1 + tp_size}")
+        if broadcaster is not None and not 1 <= rank_offset <= broadcaster.world_size - tp_size:
+            raise ValueError(f"rank_offset={rank_offset} with tp_size={tp_size} does not fit in ranks "
+                             f"1..{broadcaster.world_size - 1} of weight group {broadcaster.group_name!r}")
         self.model_path = str(model_path)
         self.tp_size = tp_size
         self.weight_sync = weight_sync
         self.broadcaster = broadcaster
+        self.rank_offset = rank_offset
         self.bucket_bytes = bucket_bytes
         self.moe_shape = _moe_shape(self.model_path) if routed_experts else None
         self._released: set[str] = set()
@@ -221,17 +225,24 @@ class SGLangEngine(HTTPServerEngine):
     # ---------------------------------------------------------------------------------- weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push to this server alone; in distributed mode only if it is alone in its weight group
+        (else its `EnginePool` pushes to all the group's servers together)."""
+        if self.weight_sync == "distributed":
+            DistributedPoolPush([self]).push(named_tensors, version)
+            return
         named = list(named_tensors)
-        snapshot = self._write_snapshot(named, version) if self._keeps_snapshot else None
+        snapshot = self._write_snapshot(named, version)
         if self.weight_sync == "disk":
             self._load_snapshot(snapshot, version)
-        elif self.weight_sync == "tensor":
+        else:
             self.resume_memory(["weights"])
             self._push_buckets(named, version, "/update_weights_from_tensor",
                                lambda bucket, last: tensor_update_payload(bucket, self.tp_size, version, last))
             self.resume_memory(["kv_cache"])
-        else:
-            self._push_distributed(named, version)
+        self._record_push(version)
+
+    def _record_push(self, version: int) -> None:
+        """Record a completed push: samples are tagged with it, a restart is checked against it."""
         self.weights_version = version
         self._pushed = True
 
@@ -249,44 +260,6 @@ class SGLangEngine(HTTPServerEngine):
         for bucket in buckets:
             self._post(route, payload(list(zip(bucket.names, bucket.tensors)), bucket is buckets[-1]),
                        what=f"weights version {version} bucket {bucket.index}")
-
-    def _push_distributed(self, named, version) -> None:
-        """Each HTTP request blocks until the server has received, so it runs in a thread while we send."""
-        if self.broadcaster.group is None:
-            self._join_group()
-        group = self.broadcaster.group_name
-        with ThreadPoolExecutor(1, thread_name_prefix="sglang-weights") as http:
-            buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
-            for bucket in buckets:
-                body = distributed_update_payload(list(zip(bucket.names, bucket.tensors)), group, version,
-                                                  bucket is buckets[-1])
-                request = http.submit(self._post, "/update_weights_from_distributed", body,
-                                      what=f"weights version {version} bucket {bucket.index}")
-                self.broadcaster.broadcast(bucket.tensors)
-                request.result()
-
-    def _join_group(self) -> None:
-        """Ask the server to join while rank 0 forms the group, both of which block until the
-        rendezvous completes. Forming runs in a daemon thread, so that a server refusing the
-        request (say, an SGLang that reads it differently) is an error at once, not after the
-        rendezvous timeout, and a stuck rendezvous never holds up the process's exit."""
-        self.broadcaster.listen()
-        formed: Future = Future()
-
-        def form() -> None:
-            try:
-                self.broadcaster.connect()
-                formed.set_result(None)
-            except BaseException as err:  # handed to the waiting thread below
-                formed.set_exception(err)
-
-        with ThreadPoolExecutor(1, thread_name_prefix="sglang-weights") as http:
-            joined = http.submit(self._post, "/init_weights_update_group", init_group_payload(self.broadcaster),
-                                 what=f"joining weight group {self.broadcaster.group_name!r}")
-            threading.Thread(target=form, name="sglang-weight-group", daemon=True).start()
-            wait([joined, formed], return_when=FIRST_EXCEPTION)
-            joined.result()
-            formed.result()
 
     def _write_snapshot(self, named, version) -> Path:
         """The pushed weights as an HF safetensors directory: the disk push, and a restart's re-push."""
@@ -309,7 +282,7 @@ class SGLangEngine(HTTPServerEngine):
         if not self._keeps_snapshot:
             self._confirm_weights_kept()
             return
-        if self.broadcaster is not None:  # a restarted server has left the group: the next push forms a new one
+        if self.broadcaster is not None:  # the pool's group lost this server's ranks: the next push forms a new one
             self.broadcaster.close()
         if self._snapshot_dir is not None:
             self._load_snapshot(self._snapshot_dir, self.weights_version)
@@ -326,7 +299,7 @@ class SGLangEngine(HTTPServerEngine):
         held = reply.json().get("weight_version")
         if held == str(self.weights_version):
             return
-        self.broadcaster.close()  # its end is gone: a later push forms a new group
+        self.broadcaster.close()  # its end is gone, so the pool's group is broken: a later push forms a new one
         raise ServerError(
             f"{self.kind} {self.name} server at {self.server.spec.url} is back with weights version {held!r} instead "
             f"of {self.weights_version}: it was restarted, and with weight_sync='distributed' a server started "
@@ -358,6 +331,113 @@ class SGLangEngine(HTTPServerEngine):
         if self._snapshot_dir is not None:
             _remove_snapshot(self._snapshot_dir)
             self._snapshot_dir = None
+
+
+class DistributedPoolPush:
+    """One push to all the SGLang servers of a weight group (a pool's, in the trainer): each
+    bucket is broadcast once by rank 0 and reaches every server at once, instead of the whole
+    model being sent once per server.
+
+    The servers' ranks must tile 1..world_size-1 of the group, or the rendezvous never completes.
+    Every HTTP request of the protocol blocks until rank 0 has done its part (formed the group,
+    sent the bucket), so the requests run in background threads while rank 0 does it. A push
+    that fails leaves the group unusable (a server gone, a bucket half sent): it is closed, the
+    push raises, and the next push forms a new group with all the servers.
+    """
+
+    def __init__(self, engines: Sequence[SGLangEngine]):
+        self.engines = list(engines)
+        self.broadcaster = self.engines[0].broadcaster
+        if self.broadcaster is None or any(engine.broadcaster is not self.broadcaster for engine in self.engines):
+            raise ValueError("a distributed push needs engines with weight_sync='distributed' sharing one "
+                             "WeightBroadcaster")
+        ranks = sorted(rank for engine in self.engines
+                       for rank in range(engine.rank_offset, engine.rank_offset + engine.tp_size))
+        if ranks != list(range(1, self.broadcaster.world_size)):
+            raise ValueError(f"the servers {[engine.server.spec.url for engine in self.engines]} hold ranks {ranks} "
+                             f"of weight group {self.broadcaster.group_name!r}, which needs exactly 1.."
+                             f"{self.broadcaster.world_size - 1}: push through the EnginePool of all its servers, "
+                             f"with rank offsets 1, 1 + tp_size, ...")
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Send the weights to every server; only once all have them are the snapshots (kept for
+        restarts) and the versions moved on: after a failure the servers may hold part of them."""
+        named = list(named_tensors)
+        try:
+            if self.broadcaster.group is None:
+                self._form_group()
+            self._send(named, version)
+        except Exception as err:
+            group = self.broadcaster.group_name
+            self.broadcaster.close()
+            raise ServerError(f"weights version {version} did not reach the servers of weight group {group!r}, "
+                              f"which is closed (the next push forms a new one): {err}") from err
+        for engine in self.engines:
+            if engine._keeps_snapshot:
+                engine._write_snapshot(named, version)
+            engine._record_push(version)
+
+    def _form_group(self) -> None:
+        """Ask every server to join while rank 0 forms the group, all of which block until the
+        rendezvous completes; a server refusing is an error at once, not after the timeout."""
+        self.broadcaster.listen()
+        joins = [self._ask(engine, "/init_weights_update_group",
+                           init_group_payload(self.broadcaster, engine.rank_offset),
+                           f"joining weight group {self.broadcaster.group_name!r}") for engine in self.engines]
+        _wait_all([*joins, _in_background(self.broadcaster.connect)])
+
+    def _send(self, named, version) -> None:
+        buckets = list(bucketize(named, version, self.engines[0].bucket_bytes, checksums=False))
+        for bucket in buckets:
+            body = distributed_update_payload(list(zip(bucket.names, bucket.tensors)), self.broadcaster.group_name,
+                                              version, bucket is buckets[-1])
+            requests = [self._ask(engine, "/update_weights_from_distributed", body,
+                                  f"weights version {version} bucket {bucket.index}") for engine in self.engines]
+            try:
+                self.broadcaster.broadcast(bucket.tensors)
+            except Exception:
+                _raise_failed(requests)  # a server's own error (say, it is gone) says more than rank 0's
+                raise
+            _wait_all(requests)
+
+    @staticmethod
+    def _ask(engine: SGLangEngine, route: str, body: dict, what: str) -> Future:
+        """The request in the background; its failure names the server (a pool's share a name)."""
+        def post() -> Any:
+            try:
+                return engine._post(route, body, what=what)
+            except (httpx.HTTPError, ServerError) as err:
+                raise ServerError(f"server at {engine.server.spec.url} ({type(err).__name__}): {err}") from err
+
+        return _in_background(post)
+
+
+def _in_background(function, *args, **kwargs) -> Future:
+    """`function` in a daemon thread: a rendezvous or receive that never completes must hold up
+    neither an error raised meanwhile nor the process's exit (a thread pool would do both)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="sglang-weights", daemon=True).start()
+    return future
+
+
+def _wait_all(futures: list[Future]) -> None:
+    """Until all are done; the first failure is raised as soon as it happens."""
+    wait(futures, return_when=FIRST_EXCEPTION)
+    _raise_failed(futures)
+
+
+def _raise_failed(futures: list[Future]) -> None:
+    """Raise the failure of the first that is done and failed, if any."""
+    for future in futures:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
 
 
 def _moe_shape(model_path: str) -> tuple[int, int]:

@@ -1,9 +1,10 @@
 """The trainer's side of a weight-update process group shared with inference servers.
 
-In disaggregated mode the trainer (rank 0) and every GPU rank of a server (ranks 1..world-1)
-form their own process group, separate from the trainer's default one; the server joins when
-asked over HTTP (SGLang's `/init_weights_update_group`), and for each bucket the HTTP request
-names the tensors (names, dtypes, shapes) while rank 0 broadcasts them in that order. Both sides
+In disaggregated mode the trainer (rank 0) and every GPU rank of a pool's servers (server i's
+ranks from its `rank_offset` on, together 1..world-1) form their own process group, separate from
+the trainer's default one; each server joins when asked over HTTP (SGLang's
+`/init_weights_update_group`), and for each bucket the HTTP requests name the tensors (names,
+dtypes, shapes) while rank 0 broadcasts them in that order, once for all the servers. Both sides
 must build the group the same way, or the rendezvous never completes: a TCP store at
 `master_address:master_port` whose master is rank 0, keys prefixed with the group name, and the
 backend's group made from that store. Nothing here is CUDA-specific, so the same code runs with
@@ -68,8 +69,9 @@ class WeightBroadcaster:
     """Rank 0 of a weight-update group: sends tensors to every server rank, in order.
 
     `master_port` 0 listens on any free port, picked anew each time the group is formed: ports
-    chosen up front could collide between the engines of one trainer, and a group formed again
-    after a server restart must not wait for the old store's port to be released.
+    chosen up front could collide between the pools of one trainer, and a group formed again
+    after a server restart must not wait for the old store's port to be released. A group formed
+    again is also named anew (`<group_name>.<n>`, see `close`).
     """
 
     def __init__(self, master_address: str, master_port: int, world_size: int, *, group_name: str = "mgrpo_weights",
@@ -80,6 +82,8 @@ class WeightBroadcaster:
         self.master_port = master_port
         self.world_size = world_size
         self.group_name = group_name
+        self._base_name = group_name
+        self._closed = 0
         self.backend = backend
         self.device = torch.device(device)
         self.timeout_s = timeout_s
@@ -109,24 +113,31 @@ class WeightBroadcaster:
             dist.broadcast(tensor.detach().to(self.device).contiguous(), src=0, group=self.group)
 
     def close(self) -> None:
-        """Leave the group and stop listening; the next `connect()` forms a new one."""
+        """Leave the group and stop listening; the next `connect()` forms a new one, under a new
+        name: servers that were in this one still hold it by its name, and torch (so SGLang)
+        refuses to create a second group by a name it has. Closing again does nothing."""
+        if self._store is None:
+            return
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
         self._store = None
         self.master_port = self._requested_port
+        self._closed += 1
+        self.group_name = f"{self._base_name}.{self._closed}"
 
 
-def trainer_broadcaster(group_name: str, server_tp: int, *, remote: bool) -> WeightBroadcaster:
-    """The trainer's end of one engine's group: rank 0 at `rank0_address`, any free port, the
-    engine's `server_tp` GPUs as ranks 1..server_tp; NCCL from this process's GPU, gloo on CPU.
+def trainer_broadcaster(group_name: str, server_ranks: int, *, remote: bool) -> WeightBroadcaster:
+    """The trainer's end of one pool's group: rank 0 at `rank0_address`, any free port, the
+    `server_ranks` GPUs of all the pool's servers as ranks 1..server_ranks; NCCL from this
+    process's GPU, gloo on CPU.
 
-    `group_name` must differ between the engines: rank 0 holds all their groups in one process.
+    `group_name` must differ between the pools: rank 0 holds all their groups in one process.
     """
     if torch.cuda.is_available():
         # this rank's device by index (init_distributed has set it), not whichever is current when sending
         backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
     else:
         backend, device = "gloo", torch.device("cpu")
-    return WeightBroadcaster(rank0_address(remote=remote), 0, 1 + server_tp, group_name=group_name, backend=backend,
+    return WeightBroadcaster(rank0_address(remote=remote), 0, 1 + server_ranks, group_name=group_name, backend=backend,
                              device=device)

@@ -12,6 +12,8 @@ the model's distribution.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -73,3 +75,27 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperat
     dist.all_reduce(sums, group=group)
     normaliser, weighted = sums
     return (normaliser.log() - weighted / normaliser).reshape(local_logits.shape[:-1])
+
+
+@torch.no_grad()
+def vocab_parallel_self_certainty(local_logits: torch.Tensor, vocab_size: int, chunk_tokens: int = 256) -> torch.Tensor:
+    """Intuitor's per-token self-certainty KL(U || p) = log Z - mean_v z_v - log V, p = softmax(z),
+    over the real vocabulary (at temperature 1: it scores the model, not the sampler); the same
+    two all-reduces as `vocab_parallel_entropy`, never a gathered vocabulary."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    rows = local_logits.reshape(-1, local_logits.shape[-1])
+    peak = torch.cat([_masked_padding(chunk, vocab_size, 1.0).amax(dim=-1) for chunk in rows.split(chunk_tokens)])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    width = rows.shape[-1]
+    real = (torch.arange(width) + parallel_state.get_tensor_model_parallel_rank() * width) < vocab_size
+    sums = torch.empty(2, rows.shape[0])
+    for index, chunk in enumerate(rows.split(chunk_tokens)):
+        span = slice(index * chunk_tokens, index * chunk_tokens + chunk.shape[0])
+        logits = _masked_padding(chunk, vocab_size, 1.0)
+        sums[0, span] = (logits - peak[span, None]).exp().sum(-1)
+        sums[1, span] = torch.where(real, logits, 0).sum(-1)
+    dist.all_reduce(sums, group=group)
+    normaliser, total = sums
+    return (peak + normaliser.log() - total / vocab_size - math.log(vocab_size)).reshape(local_logits.shape[:-1])

@@ -30,7 +30,7 @@ from megatron_mgrpo.models.hf_config import ModelSpec
 from megatron_mgrpo.sync.export import export_hf_weights
 from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, collate, data_parallel_share, micro_batches,
                                           pack_by_tokens)
-from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy
+from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy, vocab_parallel_self_certainty
 from megatron_mgrpo.train.momentum import ShadowWeights
 from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
 from megatron_mgrpo.train.routing_replay import RoutingReplay
@@ -50,10 +50,12 @@ def params_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class Scores:
-    """Per sequence, over its response tokens: log-probs and entropies (lists of 1-d tensors)."""
+    """Per sequence, over its response tokens: log-probs and entropies (lists of 1-d tensors), and
+    when asked for, Intuitor's self-certainty (its mean over the response tokens)."""
 
     logprobs: list[torch.Tensor]
     entropy: list[torch.Tensor]
+    self_certainty: list[float] | None = None
 
 
 class MegatronPolicy:
@@ -139,13 +141,19 @@ class MegatronPolicy:
         return vocab_parallel_logprobs_and_entropy(logits[:, :-1], batch.targets, self.spec.vocab_size, temperature)
 
     @torch.no_grad()
-    def score(self, sequences: TrainSequences, temperature: float = 1.0, weights: str = "policy") -> Scores:
+    def score(self, sequences: TrainSequences, temperature: float = 1.0, weights: str = "policy",
+              self_certainty: bool = False) -> Scores:
         """Response-token log-probs and entropies of all `sequences` under `weights` (policy,
-        momentum or reference), returned on every rank."""
+        momentum or reference), and optionally their self-certainty, returned on every rank."""
         def per_sequence(batch: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True):
-            logprobs, entropy = self._logprobs(batch, logits, temperature)
             mask = batch.response_mask
-            return [(index, logprobs[row][mask[row]], entropy[row][mask[row]])
+            certainty = [float("nan")] * len(batch.indices)
+            if self_certainty:  # before the log-probs, which consume the logits
+                per_token = vocab_parallel_self_certainty(logits[:, :-1], self.spec.vocab_size)
+                certainty = [float(per_token[row][mask[row]].sum() / max(int(mask[row].sum()), 1))
+                             for row in range(len(batch.indices))]
+            logprobs, entropy = self._logprobs(batch, logits, temperature)
+            return [(index, (logprobs[row][mask[row]], entropy[row][mask[row]], certainty[row]))
                     for row, index in enumerate(batch.indices)]
 
         share, batches = self._my_share(sequences)
@@ -153,11 +161,12 @@ class MegatronPolicy:
         with self._weights(weights):
             results = [item for out in self._run(batches, per_sequence, forward_only=True) for item in out]
         self.model.train()
-        mine = {share[index]: (logprobs, entropy) for index, logprobs, entropy in results}
+        mine = {share[index]: scored for index, scored in results}
         parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(mine))
         everything = {k: v for part in parts for k, v in part.items()}
         ordered = [everything[i] for i in range(len(sequences))]
-        return Scores([lp for lp, _ in ordered], [h for _, h in ordered])
+        return Scores([lp for lp, _, _ in ordered], [h for _, h, _ in ordered],
+                      [c for _, _, c in ordered] if self_certainty else None)
 
     def _shadow(self, which: str) -> ShadowWeights:
         shadow = {"momentum": self.momentum, "reference": self.reference}.get(which)

@@ -87,14 +87,20 @@ def test_every_label_source_trains(tmp_path, source):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["TP=2", "PP=2"])
-def test_parallel_first_step_matches_tp1(tmp_path, tp, pp):
-    run_cli(tmp_path / "tp1", "train.steps=1", "eval.prompts=0")
-    overrides = ["train.steps=1", "eval.prompts=0", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+@pytest.mark.parametrize("tp, pp, source", [(2, 1, "mgrpo"), (1, 2, "mgrpo"), (2, 1, "intuitor")],
+                         ids=["TP=2", "PP=2", "intuitor-TP=2"])
+def test_parallel_first_step_matches_tp1(tmp_path, tp, pp, source):
+    """Intuitor's rewards (self-certainty) come from the trainer's vocab-parallel scoring pass."""
+    run_cli(tmp_path / "tp1", "train.steps=1", "eval.prompts=0", f"reward.label_source={source}")
+    overrides = ["train.steps=1", "eval.prompts=0", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                 f"reward.label_source={source}"]
     mp.start_processes(_spawned_train, args=(2, free_port(), overrides, tmp_path / "par"), nprocs=2,
                        start_method="spawn")
     single, parallel = read_metrics(tmp_path / "tp1")[0], read_metrics(tmp_path / "par")[0]
-    assert parallel["reward/mean"] == single["reward/mean"]  # identical samples
+    if source == "intuitor":  # rewards from the trainer's forward: equal up to rounding
+        assert parallel["reward/mean"] == pytest.approx(single["reward/mean"], rel=1e-5)
+    else:
+        assert parallel["reward/mean"] == single["reward/mean"]  # identical samples
     for key in ("train/loss", "train/grad_norm", "entropy/mean"):
         assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 

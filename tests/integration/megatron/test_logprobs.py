@@ -1,10 +1,10 @@
-"""Vocab-parallel log-probs, their gradient, and entropy vs a single-process reference (gloo)."""
+"""Vocab-parallel log-probs, their gradient, entropy and self-certainty vs a single-process reference (gloo)."""
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.algo import entropy_from_logits
+from megatron_mgrpo.algo import entropy_from_logits, self_certainty_from_logits
 from megatron_mgrpo.rollout.server import free_port
 
 VOCAB, PADDED = 101, 128  # the last 27 columns only pad the vocabulary
@@ -33,6 +33,19 @@ def check_one(rank: int, world: int, temperature: float) -> None:
     assert torch.allclose(leaf.grad, grad_full[..., rank * width:(rank + 1) * width], atol=1e-5)
 
 
+def check_self_certainty(rank: int, world: int) -> None:
+    """Per token, against the dense definition on the real vocabulary (padding columns excluded)."""
+    from megatron_mgrpo.train.logprobs import vocab_parallel_self_certainty
+
+    full = torch.randn(3, 5, PADDED, generator=torch.Generator().manual_seed(1)) * 3
+    per_token = vocab_parallel_self_certainty(full.chunk(world, dim=-1)[rank], VOCAB, chunk_tokens=4)
+    mask = torch.zeros(3, 5)
+    for t in range(5):  # one token at a time: the dense helper averages over the masked tokens
+        mask.zero_()
+        mask[:, t] = 1
+        assert torch.allclose(per_token[:, t], self_certainty_from_logits(full[..., :VOCAB], mask), atol=1e-5)
+
+
 def check(rank: int, world: int, port: int) -> None:
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
 
@@ -40,6 +53,7 @@ def check(rank: int, world: int, port: int) -> None:
     try:
         for temperature in (1.1, 1.0):  # at 1.0 there is no scaling copy: the kernel works in place
             check_one(rank, world, temperature)
+        check_self_certainty(rank, world)
     finally:
         destroy_distributed()
 

@@ -6,14 +6,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
+from megatron_mgrpo.rollout.pools import EnginePool
 from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
-from megatron_mgrpo.rollout.sglang_engine import (SGLangEngine, generate_payload, init_group_payload,
-                                                  parse_generate_reply)
+from megatron_mgrpo.rollout.sglang_engine import (DistributedPoolPush, SGLangEngine, generate_payload,
+                                                  init_group_payload, parse_generate_reply)
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 
 FAKE = Path(__file__).parent / "fake_sglang"
@@ -124,9 +126,10 @@ def test_distributed_mode_sends_weights_through_a_real_weight_group(tmp_path):
         sample = engine.generate([[1]], n=1, sampling=one)[0]
         assert sample.logprobs == [-10.0] and sample.weights_version == 2
         assert [r["weight_version"] for r in requests(tmp_path, "/update_weights_from_disk")] == ["2"]
-        engine.update_weights(weights(2.0), version=3)  # the new server joins a new group (on a fresh port)
+        engine.update_weights(weights(2.0), version=3)  # the new server joins a new group (fresh port and name)
         joins = requests(tmp_path, "/init_weights_update_group")
         assert len(joins) == 2 and joins[1]["master_port"] != joins[0]["master_port"]
+        assert joins[1]["group_name"] == "mgrpo-policy-0.1"
         assert engine.generate([[1]], n=1, sampling=one)[0].logprobs == [-20.0]
     finally:
         engine.shutdown()
@@ -134,17 +137,84 @@ def test_distributed_mode_sends_weights_through_a_real_weight_group(tmp_path):
 
 
 def test_a_refused_group_join_is_an_error_at_once(tmp_path):
-    """A server that refuses to join (here: the fake, for a world of 3) fails the push with its own
-    reason, without waiting out the rendezvous timeout."""
+    """A server that refuses to join (here: the fake, asked for two TP ranks) fails the push with
+    its own reason, without waiting out the rendezvous timeout."""
     (tmp_path / "model").mkdir()
     broadcaster = WeightBroadcaster("127.0.0.1", 0, 3, group_name="mgrpo-policy-0", backend="gloo", device="cpu",
                                     timeout_s=120)
     engine = make_engine(tmp_path, weight_sync="distributed", broadcaster=broadcaster, tp_size=2)
     try:
-        with pytest.raises(ServerError, match="(?s)refused joining weight group 'mgrpo-policy-0'.*world_size 2"):
+        with pytest.raises(ServerError, match="(?s)refused joining weight group 'mgrpo-policy-0'.*--tp-size 1"):
             engine.update_weights(weights(1.0), version=1)
+        assert engine.weights_version == 0 and broadcaster.group_name == "mgrpo-policy-0.1"  # closed
     finally:
         engine.shutdown()
+
+
+def test_a_pool_shares_one_weight_group_and_broadcasts_each_bucket_once(tmp_path, monkeypatch):
+    """Three fake servers hold ranks 1, 2, 3 of one gloo group: each push names every bucket to
+    each server while rank 0 broadcasts each tensor once for all of them. The group is formed at
+    the first push and reused; when a server is restarted (restored from its snapshot) the group
+    is broken, and the next push forms a new one, under a new name, with all three; so too after
+    a push that failed because a server was gone."""
+    original, broadcasts = torch.distributed.broadcast, []
+
+    def counted(tensor, **kwargs):  # rank 0's side: what it sent, in elements per tensor
+        broadcasts.append(tensor.numel())
+        return original(tensor, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "broadcast", counted)
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, 4, group_name="mgrpo-policy", backend="gloo", device="cpu",
+                                    timeout_s=60)
+    dirs = [tmp_path / f"server{i}" for i in range(3)]
+    engines = []
+    try:
+        for i, directory in enumerate(dirs):
+            (directory / "model").mkdir(parents=True)
+            engines.append(make_engine(directory, weight_sync="distributed", broadcaster=broadcaster,
+                                       rank_offset=1 + i, bucket_bytes=16))
+        pool = EnginePool("policy", engines)
+
+        def generated():
+            samples = [s for group in pool.generate([[1], [2], [3]], 1, SamplingParams(max_new_tokens=1))
+                       for s in group]
+            return [(s.logprobs, s.weights_version) for s in samples]
+
+        pool.update_weights(lambda: iter(weights(0.5)), version=1)  # 4 * 0.5 + 6 * 0.5 = 5
+        joins = [requests(d, "/init_weights_update_group") for d in dirs]
+        assert [[j["rank_offset"] for j in js] for js in joins] == [[1], [2], [3]]
+        assert {(j["world_size"], j["master_port"], j["group_name"]) for js in joins for j in js} == {
+            (4, broadcaster.master_port, "mgrpo-policy")}
+        assert [len(requests(d, "/update_weights_from_distributed")) for d in dirs] == [2, 2, 2]  # 2 buckets
+        assert broadcasts == [4, 6]  # each tensor once, for all three servers
+        assert generated() == [([-5.0], 1)] * 3
+
+        pool.update_weights(lambda: iter(weights(1.0)), version=2)  # the same group
+        assert [len(requests(d, "/init_weights_update_group")) for d in dirs] == [1, 1, 1]
+        assert [len(requests(d, "/update_weights_from_distributed")) for d in dirs] == [4, 4, 4]
+        assert broadcasts == [4, 6, 4, 6]
+        assert generated() == [([-10.0], 2)] * 3
+
+        os.killpg(engines[1].server._proc.pid, signal.SIGKILL)  # restarted with weights 2 from its snapshot
+        assert generated() == [([-10.0], 2)] * 3 and broadcaster.group is None
+        pool.update_weights(lambda: iter(weights(2.0)), version=3)  # all three join a new group
+        joins = [requests(d, "/init_weights_update_group") for d in dirs]
+        assert [[j["group_name"] for j in js] for js in joins] == [["mgrpo-policy", "mgrpo-policy.1"]] * 3
+        assert generated() == [([-20.0], 3)] * 3
+
+        url = engines[2].server.spec.url
+        os.killpg(engines[2].server._proc.pid, signal.SIGKILL)  # gone at the next push: it fails, the group closes
+        with pytest.raises(ServerError, match="weights version 4 did not reach the servers of .*'mgrpo-policy.1'"):
+            pool.update_weights(lambda: iter(weights(3.0)), version=4)
+        assert broadcaster.group is None and [e.weights_version for e in engines] == [3, 3, 3]
+        assert generated()[2] == ([-20.0], 3)  # restarted from the snapshot of the last complete push
+        pool.update_weights(lambda: iter(weights(3.0)), version=5)  # all three in a new group
+        assert engines[2].server.spec.url == url and broadcaster.group_name == "mgrpo-policy.2"
+        assert generated() == [([-30.0], 5)] * 3
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    assert broadcaster.group is None
 
 
 def test_truncated_sampling_reads_the_renormalised_logprobs():
@@ -215,6 +285,13 @@ def test_bad_configurations_name_the_fix(tmp_path):
         SGLangEngine(tmp_path, weight_sync="rdma")
     with pytest.raises(ValueError, match="needs a WeightBroadcaster"):
         SGLangEngine(tmp_path, weight_sync="distributed")
+    group = WeightBroadcaster("127.0.0.1", 0, 3, group_name="mgrpo-policy", backend="gloo", device="cpu")
+    with pytest.raises(ValueError, match=r"rank_offset=2 with tp_size=2 does not fit in ranks 1\.\.2"):
+        SGLangEngine(tmp_path, weight_sync="distributed", broadcaster=group, rank_offset=2, tp_size=2)
+    alone = SimpleNamespace(broadcaster=group, rank_offset=1, tp_size=1, server=SimpleNamespace(
+        spec=SimpleNamespace(url="http://a:1")))  # one server of a group of two: not pushed to alone
+    with pytest.raises(ValueError, match=r"(?s)hold ranks \[1\].*needs exactly 1\.\.2: push through the EnginePool"):
+        DistributedPoolPush([alone])
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="no num_experts_per_tok"):
         SGLangEngine(tmp_path, routed_experts=True)

@@ -61,3 +61,16 @@ def test_broadcast_before_connect_is_a_clear_error():
     broadcaster = WeightBroadcaster("127.0.0.1", free_port(), 2, backend="gloo", device="cpu")
     with pytest.raises(RuntimeError, match="call connect\\(\\) first"):
         broadcaster.broadcast([torch.zeros(1)])
+
+
+def test_a_closed_group_is_formed_again_under_a_new_name():
+    """Servers that were in the closed group still hold it by name, and torch refuses a second
+    group by a name it has: the next group is named anew. Closing twice closes once."""
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, 2, group_name="mgrpo-policy", backend="gloo", device="cpu")
+    broadcaster.close()  # nothing formed yet: nothing to rename
+    assert broadcaster.group_name == "mgrpo-policy"
+    broadcaster.listen()
+    assert broadcaster.master_port > 0
+    broadcaster.close()
+    broadcaster.close()
+    assert (broadcaster.group_name, broadcaster.master_port) == ("mgrpo-policy.1", 0)

@@ -62,49 +62,64 @@ def test_servers_connect_to_the_jobs_rendezvous_host():
 
 
 def test_trainer_broadcaster_on_cpu():
-    broadcaster = trainer_broadcaster("mgrpo-momentum-1", 4, remote=False)
-    assert (broadcaster.world_size, broadcaster.group_name, broadcaster.master_port) == (5, "mgrpo-momentum-1", 0)
+    broadcaster = trainer_broadcaster("mgrpo-momentum", 8, remote=False)  # say, two servers of 4 GPUs
+    assert (broadcaster.world_size, broadcaster.group_name, broadcaster.master_port) == (9, "mgrpo-momentum", 0)
     assert (broadcaster.backend, broadcaster.device) == ("gloo", torch.device("cpu"))
 
 
-def test_trainer_attaches_disaggregated_sglang_servers_through_weight_groups(tmp_path, monkeypatch):
-    """The trainer's wiring end to end on CPU: a launched (fake) SGLang server named in
-    MGRPO_POLICY_URLS gets its own gloo group and receives weights through it; when it comes back
-    after being unreachable it is left alone if it kept its weights, and if it was restarted the
-    engine, with no copy to restore it from, says so (the next push forms a new group); the group
-    is left when the trainer closes."""
-    (tmp_path / "model").mkdir()
+def launched_server(tmp_path, name):
+    """A (fake) SGLang server as a launcher starts it: logging to tmp_path/name, no API key."""
+    (tmp_path / name).mkdir()
     port = free_port()
-    launched = ServerProcess(ServerSpec(
+    return ServerProcess(ServerSpec(
         [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "model"), "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "auto", "--tp-size", "1"],
-        port=port, log_file=tmp_path / "launcher.log", startup_timeout_s=60,
+        port=port, log_file=tmp_path / name / "launcher.log", startup_timeout_s=60,
         env={"PYTHONPATH": os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
-             "FAKE_SGLANG_DIR": str(tmp_path)}))
-    monkeypatch.setenv("MGRPO_POLICY_URLS", f"http://127.0.0.1:{port}")
+             "FAKE_SGLANG_DIR": str(tmp_path / name)}))
+
+
+def test_trainer_attaches_disaggregated_sglang_servers_through_one_weight_group(tmp_path, monkeypatch):
+    """The trainer's wiring end to end on CPU: the two (fake) SGLang servers named in
+    MGRPO_POLICY_URLS share one gloo group, ranks 1 and 2, and receive weights through it; when
+    one comes back after being unreachable it is left alone if it kept its weights, and if it
+    was restarted the engine, with no copy to restore it from, says so, and the next push forms
+    a new group with both; the group is left when the trainer closes."""
+    (tmp_path / "model").mkdir()
+    servers = [launched_server(tmp_path, "a"), launched_server(tmp_path, "b")]
+    monkeypatch.setenv("MGRPO_POLICY_URLS", ",".join(server.spec.url for server in servers))
     trainer = Trainer.__new__(Trainer)  # only what `_engines` and `close` read: no model, no Megatron
     trainer.cfg = load_config(overrides=["rollout.engine=sglang", "launch.placement=disaggregated"])
     trainer.run_dir, trainer.model_dir, trainer.grader = tmp_path / "run", tmp_path / "model", None
-    with launched:
-        (engine,) = trainer._engines("policy")
-        trainer.pools = RolloutPools(EnginePool("policy", [engine]))
-        assert engine.weight_sync == "distributed" and engine.broadcaster.group_name == "mgrpo-policy-0"
-        engine.update_weights([("lm_head.weight", torch.full((2, 3), 0.5))], version=1)
-        assert engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0].logprobs == [-3.0]
-        routes = [json.loads(line)["route"] for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
-        assert "/init_weights_update_group" in routes and "/update_weights_from_disk" not in routes
-        assert engine._snapshot_dir is None  # no file per push, not even in this host's memory
-        group = engine.broadcaster.group
-        engine._repush_weights()  # what recovery does once it answers again: still version 1, nothing to do
-        assert engine.broadcaster.group is group
+    one = SamplingParams(max_new_tokens=1)
+    with servers[0], servers[1]:
+        engines = trainer._engines("policy")
+        pool = EnginePool("policy", engines)
+        trainer.pools = RolloutPools(pool)
+        broadcaster = engines[0].broadcaster
+        assert [(e.weight_sync, e.broadcaster, e.rank_offset) for e in engines] == [
+            ("distributed", broadcaster, 1), ("distributed", broadcaster, 2)]
+        assert (broadcaster.group_name, broadcaster.world_size) == ("mgrpo-policy", 3)
+        pool.update_weights(lambda: iter([("lm_head.weight", torch.full((2, 3), 0.5))]), version=1)
+        assert [s[0].logprobs for s in pool.generate([[1], [2]], 1, one)] == [[-3.0], [-3.0]]
+        for name in "ab":
+            log = (tmp_path / name / "requests.jsonl").read_text().splitlines()
+            routes = [json.loads(line)["route"] for line in log]
+            assert "/init_weights_update_group" in routes and "/update_weights_from_disk" not in routes
+        assert engines[0]._snapshot_dir is None  # no file per push, not even in this host's memory
+        group = broadcaster.group
+        engines[0]._repush_weights()  # what recovery does once it answers again: still version 1, nothing to do
+        assert broadcaster.group is group
 
-        launched.stop()
-        restart = threading.Timer(1.0, launched.start)  # as if a supervisor brought it back
+        servers[0].stop()
+        restart = threading.Timer(1.0, servers[0].start)  # as if a supervisor brought it back
         restart.start()
         with pytest.raises(ServerError, match="(?s)back with weights version 'default' instead of 1.*weight_sync=disk"):
-            engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))
+            engines[0].generate([[1]], n=1, sampling=one)
         restart.join()
-        engine.update_weights([("lm_head.weight", torch.full((2, 3), 1.0))], version=2)  # in a new group
-        assert engine.generate([[1]], n=1, sampling=SamplingParams(max_new_tokens=1))[0].logprobs == [-6.0]
+        assert broadcaster.group is None  # broken for both servers
+        pool.update_weights(lambda: iter([("lm_head.weight", torch.full((2, 3), 1.0))]), version=2)  # a new group
+        assert [s[0].logprobs for s in pool.generate([[1], [2]], 1, one)] == [[-6.0], [-6.0]]
+        assert [e.weights_version for e in engines] == [2, 2] and broadcaster.group_name == "mgrpo-policy.1"
         trainer.close()
-        assert engine.broadcaster.group is None and launched.healthy()
+        assert broadcaster.group is None and all(server.healthy() for server in servers)

@@ -6,9 +6,10 @@ token's log-prob is minus the sum of all loaded tensors' elements (0 before any 
 request is appended to `<log dir>/requests.jsonl` for the test to inspect.
 
 Weights arrive from a file (`/update_weights_from_disk`) or, as on SGLang's distributed path,
-through a real weight-update group (gloo): `/init_weights_update_group` joins it as the one
-server rank and `/update_weights_from_distributed` receives the named tensors by broadcast, in
-order. Both block inside the request, as SGLang's do, while the trainer forms the group or sends;
+through a real weight-update group (gloo): `/init_weights_update_group` joins it as the server's
+one rank, `rank_offset` (other servers may hold other ranks of the same group), and
+`/update_weights_from_distributed` receives the named tensors by broadcast, in order. Both block
+inside the request, as SGLang's do, while the trainer forms the group or sends;
 ThreadingHTTPServer answers other requests meanwhile.
 """
 
@@ -43,6 +44,7 @@ class State:
     logprob = 0.0
     version = "default"
     groups = {}  # group name -> the weight-update process group joined
+    tp_size = 1
 
 
 def load(tensors):
@@ -58,15 +60,20 @@ def load_from_disk(body):
 
 
 def join_group(body):
-    """Join as the server's only rank (TP rank 0 at `rank_offset`): one rank, so world size 2."""
+    """Join as the server's only rank (TP rank 0) at `rank_offset`; refused as SGLang would
+    (400, success false) for a group it cannot join, e.g. one whose name it already holds."""
     from megatron_mgrpo.rollout.weight_broadcast import join_weight_group
 
-    if body["world_size"] != 2 or body["rank_offset"] != 1 or body.get("backend", "nccl") != "gloo":
-        return 400, {"success": False, "message": f"the fake server is one gloo rank after the trainer: needs "
-                                                  f"world_size 2, rank_offset 1, backend gloo; got {body}"}
+    rank, world_size = body["rank_offset"], body["world_size"]
+    if State.tp_size != 1 or not 1 <= rank < world_size or body.get("backend", "nccl") != "gloo":
+        return 400, {"success": False, "message": f"the fake server is one gloo rank (--tp-size 1) at rank_offset "
+                                                  f"1..world_size-1; got tp {State.tp_size}, {body}"}
     name = body.get("group_name", "weight_update_group")
-    State.groups[name] = join_weight_group(body["master_address"], body["master_port"], body["rank_offset"],
-                                           body["world_size"], name, "gloo", timeout_s=60)
+    try:
+        State.groups[name] = join_weight_group(body["master_address"], body["master_port"], rank, world_size, name,
+                                               "gloo", timeout_s=60)
+    except Exception as err:
+        return 400, {"success": False, "message": f"Failed to initialize custom process group: {err}."}
     return 200, {"success": True, "message": "joined"}
 
 
@@ -112,6 +119,7 @@ def generate(body):
 
 def main():
     args = parse_args()
+    State.tp_size = int(args.tp_size)
     log = Path(os.environ["FAKE_SGLANG_DIR"])
     fail_next = log / "fail_next"  # a test creates it to make the next /generate answer 503
 
