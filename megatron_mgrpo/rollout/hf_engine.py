@@ -115,9 +115,10 @@ class HFEngine:
         out = self._forward(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                             past_key_values=cache)
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)
-        if routing:  # per layer [prompts, width, topk] for the prompt, then [active rows, topk] per step
-            prompt_routes = [self._experts(r).view(len(prompts), width, -1) for r in out.router_logits]
-            step_routes: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        if routing:  # per sample row and layer: the experts of every position fed so far, the prompt's first
+            prompt_experts = [self._experts(r).view(len(prompts), width, -1) for r in out.router_logits]
+            routes = [[[layer[row // n, width - len(prompts[row // n]):]] for layer in prompt_experts]
+                      for row in range(len(prompts) * n)]
         cache.batch_repeat_interleave(n)
         attention = attention.repeat_interleave(n, dim=0)
         next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
@@ -151,7 +152,10 @@ class HFEngine:
             logits = out.logits[:, -1]
             next_position = next_position + 1
             if routing:
-                step_routes.append((active, [self._experts(r) for r in out.router_logits]))
+                fed = [self._experts(r) for r in out.router_logits]
+                for i, row in enumerate(active.tolist()):
+                    for layer, experts in enumerate(fed):
+                        routes[row][layer].append(experts[i:i + 1])
 
         samples = []
         for row in range(rows):
@@ -160,14 +164,8 @@ class HFEngine:
                 prompt_index=first_index + row // n, prompt_ids=list(prompts[row // n]), response_ids=response,
                 text=self.tokenizer.decode(response, skip_special_tokens=True),
                 logprobs=logprobs[row, :lengths[row]].tolist(), finish_reason=finish[row],
-                weights_version=self.weights_version))
-        if routing:
-            for row, sample in enumerate(samples):
-                prompt = len(sample.prompt_ids)
-                sample.routed_experts = [torch.cat([layer[row // n, width - prompt:]] + [
-                    routes[layer_index][(rows_fed == row).nonzero().squeeze(-1)]
-                    for rows_fed, routes in step_routes if (rows_fed == row).any()]).to(torch.int32)
-                    for layer_index, layer in enumerate(prompt_routes)]
+                weights_version=self.weights_version,
+                routed_experts=[torch.cat(parts).to(torch.int32) for parts in routes[row]] if routing else None))
         return samples
 
     def _forward(self, **inputs):

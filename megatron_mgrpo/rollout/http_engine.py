@@ -29,8 +29,8 @@ SHARED_MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir
 
 
 def save_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], target: Path,
-                     metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Write HF-named tensors to `target` as one safetensors file, atomically; returns them as written.
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write HF-named tensors (and string `metadata`) to `target` as one safetensors file, atomically.
 
     Written under a temporary name and renamed, so a server (or a restart re-push) never reads
     a half-written file.
@@ -41,7 +41,6 @@ def save_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], target: 
     partial = target.with_name(target.name + ".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.rename(target)
-    return tensors
 
 
 class HTTPServerEngine:
