@@ -196,7 +196,6 @@ class SGLangEngine(HTTPServerEngine):
         self.moe_shape = _moe_shape(self.model_path) if routed_experts else None
         self._released: set[str] = set()
         self._snapshot_dir: Path | None = None
-        self._attached = bool(url)
         self._pushed = False
         self.weights_dir = Path(weights_dir)
         if url:
@@ -253,7 +252,7 @@ class SGLangEngine(HTTPServerEngine):
         Not for a server started elsewhere that gets its weights through the group: it is never
         restarted from here (a launcher's dead server ends the run), it could not read a file in
         this host's memory, and a copy on the shared file system is what the group avoids."""
-        return not (self.weight_sync == "distributed" and self._attached)
+        return not (self.weight_sync == "distributed" and isinstance(self.server, RemoteServer))
 
     def _push_buckets(self, named, version, route, payload) -> None:
         buckets = list(bucketize(named, version, self.bucket_bytes, checksums=False))
