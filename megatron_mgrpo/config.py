@@ -160,6 +160,10 @@ class TrainConfig:
     weight_decay: float = option(0.01, "AdamW weight decay", ge=0.0)
     grad_clip: float = option(1.0, "global gradient-norm clip; 0 disables it", ge=0.0)
     micro_batch_tokens: int = option(16384, "token budget of one forward/backward micro-batch", ge=1)
+    prompt_sharing: str = option("auto", "one copy of a prompt per row for several of its responses (each attends "
+                                         "to the prompt and itself): always needs megatron's local attention; auto "
+                                         "shares unless Transformer Engine attention is in use",
+                                 choices=("auto", "always", "never"))
     routing_replay: bool = option(False, "MoE: every trainer forward uses the experts the rollout engine chose "
                                          "for each token (needs rollout.engine hf or sglang, which report them)")
     seed: int = option(1234, "global random seed")

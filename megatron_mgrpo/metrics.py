@@ -11,7 +11,7 @@ Metric names are flat, slash-separated keys. The plots and the collapse alarm re
     label/share_mean       mean vote share of the winning answer
     accuracy/true          fraction of policy responses equivalent to gold (monitoring only)
     accuracy/eval          held-out accuracy, on the steps that evaluate
-    entropy/mean           mean token entropy of the policy responses
+    entropy/mean           mean over the policy responses of their mean token entropy
     iqr/drop_rate          fraction of trajectories the IQR filter dropped
     kl/mean                mean KL estimate to the reference
     response/length_mean   mean response length in tokens

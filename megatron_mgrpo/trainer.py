@@ -2,7 +2,9 @@
 
     sample M from the policy pool and N from the momentum pool
     -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel; MoE routing
-       replayed from the engines when train.routing_replay is on; Intuitor's self-certainty)
+       replayed from the engines when train.routing_replay is on; Intuitor's self-certainty),
+       where something needs them before the loss: the IQR filter, Intuitor, several updates
+       per rollout (otherwise the one on-policy update's forward provides them)
     -> extract answers, vote, rewards (the label source)
     -> IQR filter over the G trajectory entropies, advantages over the kept policy responses
     -> PPO-clip / TIS / KL loss, optimizer step -> EMA update of the momentum shards
@@ -81,6 +83,10 @@ class Trainer:
         self.eval_prompts = eval_prompts
         self.eval_ids = [template.encode(r) for r in eval_prompts]
         self.gold = {r.id: r.gold_answer for r in prompts}  # monitoring only, and label_source=gt
+        # the step scores its samples before the loss only where that is needed: the IQR filter's
+        # entropies, Intuitor's self-certainty, the old log-probs of several updates per rollout
+        self.score_first = (cfg.algo.iqr_filter or cfg.train.updates_per_rollout > 1
+                            or cfg.reward.label_source == "intuitor")
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed))
         self.pools = self.grader = self.labels = None
         if self.rank0:
@@ -164,34 +170,39 @@ class Trainer:
             sequences = _broadcast(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
         with phase("logprobs"):
             scores = self.policy.score(sequences, cfg.rollout.temperature,
-                                       self_certainty=cfg.reward.label_source == "intuitor")
+                                       self_certainty=cfg.reward.label_source == "intuitor") if self.score_first else None
         with phase("rewards"):
             graded = _broadcast(self.rewards(batch, samples, scores) if self.rank0 else None)
         with phase("logprobs"):
-            entropy = torch.stack([h.mean() if len(h) else torch.tensor(math.nan) for h in scores.entropy])
-            entropy = entropy.view(len(batch), g)
+            entropy = torch.tensor([h.mean() if len(h) else math.nan for h in scores.entropy]).view(len(batch), g) \
+                if scores is not None else None
             keep = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
                 else torch.ones(len(batch), m, dtype=torch.bool)
             keep &= graded.trainable
             advantages = group_advantages(graded.rewards, keep, cfg.algo.advantage_estimator)
-            rows = [p * g + i for p in range(len(batch)) for i in range(m) if keep[p, i]]
-            train_set = self.training_sequences(sequences, scores, advantages.flatten(), rows, m, g)
+            train_set = self.training_sequences(sequences, scores, advantages, keep, g)
         with phase("train"):
             metrics = {}
-            for part in _split(len(rows), cfg.train.updates_per_rollout):
+            for part in _split(len(train_set), cfg.train.updates_per_rollout):
                 metrics = self.policy.train_step(train_set.subset(part), self.objective, cfg.rollout.temperature)
                 self.policy.update_momentum()
         with phase("sync"):
             self.sync_weights(step + 1)
+        trained_entropy = metrics.pop("entropy", math.nan)
         kl = {"kl/mean": metrics.pop("kl")} if "kl" in metrics else {}
         return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl,
-                "entropy/mean": float(entropy[:, :m].nanmean()), "iqr/drop_rate": float(1 - keep.float().mean()),
-                "iqr/kept": len(rows), "generated_tokens": graded.generated_tokens}
+                "entropy/mean": float(entropy[:, :m].nanmean()) if scores is not None else trained_entropy,
+                "iqr/drop_rate": float(1 - keep.float().mean()), "iqr/kept": int(keep.sum()),
+                "generated_tokens": graded.generated_tokens}
 
     def objective(self, batch: MicroBatch, logp: torch.Tensor):
-        """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty."""
-        algo, fields, mask = self.cfg.algo, batch.fields, batch.response_mask
-        loss, stats = policy_loss(logp, fields["old_logp"], fields["advantage"], mask, clip_low=algo.clip_low,
+        """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty, over the
+        responses flagged `trained`; the old log-probs are the scoring pass's, or (one on-policy
+        update, not scored before) the update's own."""
+        algo, fields = self.cfg.algo, batch.fields
+        mask = batch.response_mask & (fields["trained"][:, None] > 0)
+        old_logp = fields["old_logp"] if "old_logp" in fields else logp.detach()
+        loss, stats = policy_loss(logp, old_logp, fields["advantage"], mask, clip_low=algo.clip_low,
                                   clip_high=algo.clip_high, rollout_logp=fields["rollout_logp"],
                                   tis_cap=algo.tis_cap, tis_mode=algo.tis_mode, agg=algo.loss_agg)
         if algo.kl_coef > 0:
@@ -200,12 +211,19 @@ class Trainer:
             stats["kl"] = kl.detach()
         return loss, aggregation_units(mask, algo.loss_agg), {k: float(v) for k, v in stats.items()}
 
-    def training_sequences(self, sequences: TrainSequences, scores, advantages: torch.Tensor, rows: list[int],
-                           m: int, g: int) -> TrainSequences:
-        """The kept policy responses with old log-probs, advantages and (with KL) reference log-probs."""
-        chosen = sequences.subset(rows)
-        chosen.token_fields["old_logp"] = [scores.logprobs[r] for r in rows]
-        chosen.sequence_fields["advantage"] = [float(advantages[(r // g) * m + r % g]) for r in rows]
+    def training_sequences(self, sequences: TrainSequences, scores, advantages: torch.Tensor, keep: torch.Tensor,
+                           g: int) -> TrainSequences:
+        """The policy responses the update reads, with advantages, a `trained` flag (`keep`) and,
+        with a KL penalty, the anchor's log-probs. Scored before training: the kept ones, with
+        their old log-probs. Not scored: all of them (the flag masks the loss), so that the
+        update's forward measures the entropy of every policy response."""
+        prompts, m = keep.shape
+        rows = [(p, i) for p in range(prompts) for i in range(m) if scores is None or keep[p, i]]
+        chosen = sequences.subset([p * g + i for p, i in rows])
+        chosen.sequence_fields["advantage"] = [float(advantages[p, i]) for p, i in rows]
+        chosen.sequence_fields["trained"] = [float(keep[p, i]) for p, i in rows]
+        if scores is not None:
+            chosen.token_fields["old_logp"] = [scores.logprobs[p * g + i] for p, i in rows]
         if self.cfg.algo.kl_coef > 0:
             anchor = {"initial": "reference", "momentum": "momentum"}[self.cfg.algo.kl_reference]
             reference = self.policy.score(chosen, self.cfg.rollout.temperature, weights=anchor)

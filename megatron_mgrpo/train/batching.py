@@ -1,13 +1,20 @@
-"""Training sequences, their split over data-parallel ranks, and micro-batches under a token budget.
+"""Training sequences, their split over data-parallel ranks, rows and micro-batches.
 
-A rollout batch is a list of (prompt + response) token sequences of very different lengths. Each
-micro-batch is padded to its own longest sequence, so sequences are packed greedily in length
-order into micro-batches of at most `token_budget` padded tokens: similar lengths share a
-micro-batch and little compute goes to padding. Pipeline stages of one data-parallel rank pack
-the same sequences the same way, so they agree on the number and shapes of micro-batches.
+A rollout batch is G responses to each of a few prompts. The model reads *rows*: one sequence
+(prompt + response), or with prompt sharing one prompt followed by several of its responses,
+each response attending to the prompt and to itself only and positioned as if it followed the
+prompt alone. Every log-prob is then what the sequence alone would get, but the shared prompt's
+tokens go through the model once per row instead of once per response: with short answers to
+long (few-shot) prompts most of the compute. `share_prompt_rows` decides which responses share a
+row by a cost model (linear layers grow with the row, attention with its square), so a row never
+costs more than its sequences apart.
 
-Per-token fields are aligned with the *targets*: position t of a [b, S - 1] field belongs to
-token t + 1 of the sequence, predicted from the logits at position t.
+Rows are packed greedily in length order into micro-batches of at most `token_budget` padded
+tokens, each padded to its widest row. Pipeline stages of one data-parallel rank build the same
+rows and micro-batches, so they agree on their number and shapes.
+
+Per-sequence tensors of a micro-batch are response-major: row i of `targets` holds the response
+tokens of sequence `indices[i]`, and `source` the positions of the logits that predict them.
 """
 
 from __future__ import annotations
@@ -68,15 +75,17 @@ class TrainSequences:
 
 @dataclass
 class MicroBatch:
-    """One padded micro-batch: `indices` into the sequences it was built from."""
+    """One micro-batch: the model's input rows and the response tokens of the sequences in them."""
 
-    indices: list[int]
-    input_ids: torch.Tensor  # [b, S]
-    position_ids: torch.Tensor  # [b, S]
-    targets: torch.Tensor  # [b, S - 1]: input_ids shifted left
-    response_mask: torch.Tensor  # [b, S - 1] bool: the target is a response token
-    fields: dict[str, torch.Tensor]  # token fields [b, S - 1] (0 off the response), sequence fields [b]
-    routing: list[torch.Tensor] | None = None  # per MoE layer, [S * b, topk] expert ids in megatron's token order
+    indices: list[int]  # the sequences whose responses it holds, in response-row order
+    input_ids: torch.Tensor  # [rows, S]
+    position_ids: torch.Tensor  # [rows, S]: RoPE positions (a shared row restarts them after its prompt)
+    attention_mask: torch.Tensor | None  # [rows, 1, S, S] bool, True = not attended; None: plain causal rows
+    source: torch.Tensor  # [n, R]: flat index (row * S + position) of the logits predicting each response token
+    targets: torch.Tensor  # [n, R]: the response tokens
+    response_mask: torch.Tensor  # [n, R] bool: a real response token (not padding)
+    fields: dict[str, torch.Tensor]  # token fields [n, R] (0 off the response), sequence fields [n]
+    routing: list[torch.Tensor] | None = None  # per MoE layer, [S * rows, topk] expert ids in megatron's token order
 
     @property
     def num_tokens(self) -> int:
@@ -85,8 +94,60 @@ class MicroBatch:
 
 def data_parallel_share(num_sequences: int, dp_rank: int, dp_size: int) -> list[int]:
     """The sequence indices this data-parallel rank trains on: a strided share, so that every rank
-    gets a similar mix of long and short sequences."""
+    gets a similar mix of long and short sequences (and, a batch being prompt-major, responses of
+    every prompt to share it among)."""
     return list(range(dp_rank, num_sequences, dp_size))
+
+
+def share_prompt_rows(sequences: TrainSequences, token_budget: int, pair_cost: float | None) -> list[list[int]]:
+    """Sequences grouped into rows; a row's sequences share its first one's prompt.
+
+    `pair_cost` is the cost of one attended (query, key) pair relative to one token through the
+    linear layers (`attention_pair_cost`); None puts every sequence in a row of its own. A
+    response joins the current row of its prompt when that row stays within `token_budget` and
+    costs no more than the response with its own copy of the prompt in a row apart. Sequences
+    share a prompt when its tokens are equal and, with routing replay, so are its routed experts.
+    """
+    if pair_cost is None:
+        return [[index] for index in range(len(sequences))]
+
+    def cost(width: int) -> float:
+        return width + pair_cost * width * width
+
+    by_prompt: dict[tuple, list[int]] = {}
+    for index, (tokens, prompt) in enumerate(zip(sequences.tokens, sequences.prompt_lengths)):
+        key = (tuple(tokens[:prompt]),)
+        if sequences.routing is not None:
+            key += tuple(torch.as_tensor(layer[:prompt]).numpy().tobytes() for layer in sequences.routing[index])
+        by_prompt.setdefault(key, []).append(index)
+    rows = []
+    for members in by_prompt.values():
+        prompt = sequences.prompt_lengths[members[0]]
+        row, width = [], 0
+        for index in members:
+            response = len(sequences.tokens[index]) - prompt
+            if row and width + response <= token_budget and cost(width + response) <= cost(width) + cost(prompt + response):
+                row.append(index)
+                width += response
+            else:
+                if row:
+                    rows.append(row)
+                row, width = [index], prompt + response
+        rows.append(row)
+    return rows
+
+
+def attention_pair_cost(hidden_size: int, num_heads: int, head_dim: int, num_query_groups: int,
+                        mlp_size: int) -> float:
+    """FLOPs of one attended (query, key) pair over FLOPs of one token through a layer's linear
+    layers (`mlp_size`: the intermediate size a token passes through, all active experts)."""
+    linear = hidden_size * head_dim * (2 * num_heads + 2 * num_query_groups) + 3 * hidden_size * mlp_size
+    return 2 * num_heads * head_dim / (2 * linear)
+
+
+def row_width(sequences: TrainSequences, row: list[int]) -> int:
+    prompt = sequences.prompt_lengths[row[0]]
+    return prompt + sum(len(sequences.tokens[index]) - prompt for index in row)
 
 
 def pack_by_tokens(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -106,39 +167,83 @@ def pack_by_tokens(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return groups
 
 
-def collate(sequences: TrainSequences, indices: list[int], pad_id: int = 0, *, rows: int | None = None,
+def collate(sequences: TrainSequences, rows: list[list[int]], pad_id: int = 0, *, num_rows: int | None = None,
             width: int | None = None, routing_shape: tuple[int, int] | None = None) -> MicroBatch:
-    """Pad `indices` of `sequences` into one micro-batch (right padding), by default as many rows
-    as sequences and as wide as the longest; `rows` / `width` pad further (rows past the
-    sequences are all padding: no response tokens). `routing_shape` = (layers, topk) of the
+    """`rows` of `sequences` (see `share_prompt_rows`) as one right-padded micro-batch, by default
+    of as many rows as given and as wide as the widest; `num_rows` / `width` pad further (rows
+    past those given are all padding: no responses). `routing_shape` = (layers, topk) of the
     model, for the routing of rows without sequences."""
-    rows = len(indices) if rows is None else rows
-    width = max(len(sequences.tokens[i]) for i in indices) if width is None else width
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros(rows, width - 1, dtype=torch.bool)
-    fields = {name: torch.zeros(rows, width - 1) for name in sequences.token_fields}
-    for row, index in enumerate(indices):
-        tokens, prompt = sequences.tokens[index], sequences.prompt_lengths[index]
-        input_ids[row, :len(tokens)] = torch.tensor(tokens)
-        response = slice(prompt - 1, len(tokens) - 1)
-        response_mask[row, response] = True
-        for name, values in sequences.token_fields.items():
-            fields[name][row, response] = torch.as_tensor(values[index], dtype=torch.float32)
+    num_rows = len(rows) if num_rows is None else num_rows
+    width = max(row_width(sequences, row) for row in rows) if width is None else width
+    members = [index for row in rows for index in row]
+    longest = max([len(sequences.tokens[i]) - sequences.prompt_lengths[i] for i in members] + [1])
+    n = max(len(members), 1)  # a micro-batch without sequences keeps one empty response row
+    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    positions = torch.arange(width).repeat(num_rows, 1)
+    segments = torch.full((num_rows, width), -1)  # 0: the prompt, k: the row's k-th response
+    source = torch.zeros(n, longest, dtype=torch.long)
+    targets = torch.zeros(n, longest, dtype=torch.long)
+    response_mask = torch.zeros(n, longest, dtype=torch.bool)
+    fields = {name: torch.zeros(n, longest) for name in sequences.token_fields}
+    routes = []
+    k = 0
+    for r, row in enumerate(rows):
+        prompt = sequences.prompt_lengths[row[0]]
+        input_ids[r, :prompt] = torch.tensor(sequences.tokens[row[0]][:prompt])
+        segments[r, :prompt] = 0
+        start = prompt
+        for segment, index in enumerate(row, 1):
+            response = sequences.tokens[index][prompt:]
+            end = start + len(response)
+            input_ids[r, start:end] = torch.tensor(response, dtype=torch.long)
+            positions[r, start:end] = torch.arange(prompt, prompt + len(response))
+            segments[r, start:end] = segment
+            # the first response token is predicted at the prompt's last position, the others in-segment
+            source[k, :len(response)] = r * width + torch.tensor([prompt - 1] + list(range(start, end - 1)))
+            targets[k, :len(response)] = torch.tensor(response, dtype=torch.long)
+            response_mask[k, :len(response)] = True
+            for name, values in sequences.token_fields.items():
+                fields[name][k, :len(response)] = torch.as_tensor(values[index], dtype=torch.float32)
+            k, start = k + 1, end
+        if sequences.routing is not None:
+            routes.append(_row_routing(sequences, row))
     for name, values in sequences.sequence_fields.items():
-        fields[name] = torch.zeros(rows)
-        fields[name][:len(indices)] = torch.tensor([float(values[i]) for i in indices])
-    positions = torch.arange(width)[None].expand(rows, width)
+        fields[name] = torch.zeros(n)
+        fields[name][:len(members)] = torch.tensor([float(values[i]) for i in members])
+    attention_mask = None
+    if any(len(row) > 1 for row in rows):
+        query, key = segments[:, :, None], segments[:, None, :]
+        allowed = torch.ones(width, width, dtype=torch.bool).tril() & ((key == 0) | (key == query))
+        attention_mask = ~allowed[:, None]
     routing = None
     if sequences.routing is not None:
         from megatron_mgrpo.train.routing_replay import batch_routing
 
-        routed = [sequences.routing[i] for i in indices]
-        layers, topk = routing_shape or (len(routed[0]), routed[0][0].shape[-1])
-        routing = batch_routing(routed, width, topk, rows=rows, layers=layers)
-    return MicroBatch(indices, input_ids, positions, input_ids[:, 1:], response_mask, fields, routing)
+        layers, topk = routing_shape or (len(routes[0]), routes[0][0].shape[-1])
+        routing = batch_routing(routes, width, topk, rows=num_rows, layers=layers)
+    return MicroBatch(members, input_ids, positions, attention_mask, source, targets, response_mask, fields, routing)
 
 
-def micro_batches(sequences: TrainSequences, token_budget: int, pad_id: int = 0) -> list[MicroBatch]:
-    """All of `sequences` as padded micro-batches of at most `token_budget` tokens each."""
-    groups = pack_by_tokens([len(tokens) for tokens in sequences.tokens], token_budget)
-    return [collate(sequences, group, pad_id) for group in groups]
+def _row_routing(sequences: TrainSequences, row: list[int]) -> list[torch.Tensor]:
+    """Per layer, the routed experts of a row's tokens: the prompt's (equal for all the row's
+    sequences), then each response's. A span the engine reported short (its last token is never
+    fed back) gets experts 0..topk-1, as padding does: no logit read by the loss depends on it."""
+    prompt = sequences.prompt_lengths[row[0]]
+
+    def span(ids, start: int, end: int) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.int64)[start:end]
+        filler = torch.arange(ids.shape[-1]).expand(end - start - ids.shape[0], -1)
+        return torch.cat([ids, filler])
+
+    return [torch.cat([span(per_sequence[0], 0, prompt)] + [
+        span(ids, prompt, len(sequences.tokens[index])) for index, ids in zip(row, per_sequence)])
+        for per_sequence in zip(*(sequences.routing[index] for index in row))]
+
+
+def micro_batches(sequences: TrainSequences, token_budget: int, pad_id: int = 0,
+                  pair_cost: float | None = None) -> list[MicroBatch]:
+    """All of `sequences` as padded micro-batches of at most `token_budget` tokens each, their
+    prompts shared within rows when `pair_cost` is given (`share_prompt_rows`)."""
+    rows = share_prompt_rows(sequences, token_budget, pair_cost)
+    groups = pack_by_tokens([row_width(sequences, row) for row in rows], token_budget)
+    return [collate(sequences, [rows[i] for i in group], pad_id) for group in groups]

@@ -18,6 +18,7 @@ never as logits (the vocabulary stays split over TP ranks throughout).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,9 +28,11 @@ import torch.distributed as dist
 
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.models.hf_config import ModelSpec
+from megatron_mgrpo.models.rows import RowHooks
 from megatron_mgrpo.sync.export import export_hf_weights
-from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, collate, data_parallel_share, micro_batches,
-                                          pack_by_tokens)
+from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, attention_pair_cost, collate,
+                                          data_parallel_share, micro_batches, pack_by_tokens, row_width,
+                                          share_prompt_rows)
 from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy, vocab_parallel_self_certainty
 from megatron_mgrpo.train.momentum import ShadowWeights
 from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
@@ -77,6 +80,8 @@ class MegatronPolicy:
                                  routing_replay=cfg.train.routing_replay)
         load_hf_weights(module, hf_state, spec)
         self.replay = RoutingReplay(module) if cfg.train.routing_replay else None
+        self.pair_cost = prompt_sharing(cfg.train.prompt_sharing, spec)
+        self.rows = RowHooks(module)
         self.module = module  # unwrapped: its state_dict names are the weight maps' names
         self.model = wrap_ddp(module)
         self.optimizer, self.scheduler = build_optimizer([self.model], cfg.train, self.dtype)
@@ -96,7 +101,8 @@ class MegatronPolicy:
             batch = next(data_iterator)
             if self.replay is not None:  # the engine's experts for this micro-batch's forward
                 self.replay.replay(batch.routing)
-            output = model(batch.input_ids, batch.position_ids, attention_mask=None)
+            self.rows.set(batch.position_ids, batch.source)
+            output = model(batch.input_ids, batch.position_ids, attention_mask=batch.attention_mask)
             return output, partial(loss_func, batch)
 
         if not batches:  # this data-parallel rank has nothing to do; it still joins the gradient reduction
@@ -111,6 +117,7 @@ class MegatronPolicy:
                 micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only,
                 collect_non_loss_data=forward_only)
         finally:
+            self.rows.clear()
             if self.replay is not None:
                 self.replay.clear()
 
@@ -125,20 +132,29 @@ class MegatronPolicy:
         from megatron.core import parallel_state as ps
 
         share = data_parallel_share(len(sequences), self.dp_rank, self.dp_size)
-        mine = sequences.subset(share)
+        mine, budget = sequences.subset(share), self.cfg.train.micro_batch_tokens
         if ps.get_expert_model_parallel_world_size() == 1:
-            return share, micro_batches(mine, self.cfg.train.micro_batch_tokens, self.pad_id)
-        groups = pack_by_tokens([len(tokens) for tokens in mine.tokens], self.cfg.train.micro_batch_tokens)
+            return share, micro_batches(mine, budget, self.pad_id, self.pair_cost)
+        rows = share_prompt_rows(mine, budget, self.pair_cost)
+        widths = [row_width(mine, row) for row in rows]
+        groups = pack_by_tokens(widths, budget)
         routing_shape = (self.spec.num_layers, self.spec.moe_topk) if self.replay is not None else None
-        shapes = [(len(group), max(len(mine.tokens[i]) for i in group)) for group in groups]
+        shapes = [(len(group), max(widths[i] for i in group)) for group in groups]
         plans = _from_every_data_parallel_rank(shapes)
         plan = [tuple(max(p[i][d] for p in plans if i < len(p)) for d in (0, 1))
                 for i in range(max(map(len, plans)))]
-        return share, [collate(mine, groups[i] if i < len(groups) else [], self.pad_id, rows=rows, width=width,
-                               routing_shape=routing_shape) for i, (rows, width) in enumerate(plan)]
+        return share, [collate(mine, [rows[r] for r in groups[i]] if i < len(groups) else [], self.pad_id,
+                               num_rows=num_rows, width=width, routing_shape=routing_shape)
+                       for i, (num_rows, width) in enumerate(plan)]
+
+    def _response_logits(self, batch: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
+        """[n, R, V_local]: the logits that predict each response token (the model computed only
+        those: `RowHooks`)."""
+        return logits.view(*batch.source.shape, logits.shape[-1])
 
     def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, temperature: float):
-        return vocab_parallel_logprobs_and_entropy(logits[:, :-1], batch.targets, self.spec.vocab_size, temperature)
+        return vocab_parallel_logprobs_and_entropy(self._response_logits(batch, logits), batch.targets,
+                                                   self.spec.vocab_size, temperature)
 
     @torch.no_grad()
     def score(self, sequences: TrainSequences, temperature: float = 1.0, weights: str = "policy",
@@ -148,8 +164,8 @@ class MegatronPolicy:
         def per_sequence(batch: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True):
             mask = batch.response_mask
             certainty = [float("nan")] * len(batch.indices)
-            if self_certainty:  # before the log-probs, which consume the logits
-                per_token = vocab_parallel_self_certainty(logits[:, :-1], self.spec.vocab_size)
+            if self_certainty:
+                per_token = vocab_parallel_self_certainty(self._response_logits(batch, logits), self.spec.vocab_size)
                 certainty = [float(per_token[row][mask[row]].sum() / max(int(mask[row].sum()), 1))
                              for row in range(len(batch.indices))]
             logprobs, entropy = self._logprobs(batch, logits, temperature)
@@ -187,12 +203,16 @@ class MegatronPolicy:
 
     def train_step(self, sequences: TrainSequences, objective: Objective, temperature: float = 1.0) -> dict[str, float]:
         """Forward-backward of `objective` over all `sequences` (split over DP ranks), then one
-        optimizer step. Returns loss, the objective's stats (unit-weighted), grad_norm and lr."""
+        optimizer step. Returns loss, the objective's stats (unit-weighted), entropy (over the
+        sequences, of their mean token entropy before the step), grad_norm and lr."""
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            logprobs, _ = self._logprobs(batch, logits, temperature)
+            logprobs, entropy = self._logprobs(batch, logits, temperature)
             loss, units, stats = objective(batch, logprobs)
             units = torch.tensor(units, dtype=torch.int)
-            return loss * units, units, {"loss": loss.detach() * units, "units": units, **{
+            tokens = batch.response_mask.sum(-1)
+            per_sequence = torch.where(batch.response_mask, entropy, 0).sum(-1) / tokens.clamp(min=1)
+            return loss * units, units, {"loss": loss.detach() * units, "units": units,
+                                         "entropy_sum": per_sequence.sum(), "sequences": (tokens > 0).sum(), **{
                 name: torch.as_tensor(value, dtype=torch.float32) * units for name, value in stats.items()}}
 
         share, batches = self._my_share(sequences)
@@ -212,8 +232,10 @@ class MegatronPolicy:
         parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(totals))
         totals = {name: sum(part.get(name, 0.0) for part in parts) for name in set().union(*parts)}
         units = max(totals.pop("units", 0.0), 1.0)
+        entropy = totals.pop("entropy_sum", math.nan) / max(totals.pop("sequences", 0.0), 1.0)
         metrics = {name: value / units for name, value in totals.items()}
-        return metrics | {"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"]}
+        return metrics | {"entropy": entropy, "grad_norm": float(grad_norm or 0.0),
+                          "lr": self.optimizer.param_groups[0]["lr"]}
 
     def update_momentum(self) -> None:
         """The EMA step after an optimizer step: local shards only, no communication."""
@@ -225,6 +247,23 @@ class MegatronPolicy:
         (every rank must walk the iterator: it gathers over TP, EP and pipeline stages)."""
         local = self.module.state_dict() if which == "policy" else self._shadow(which).state_dict()
         return export_hf_weights(local, self.spec, collect_stages=True)
+
+
+def prompt_sharing(mode: str, spec: ModelSpec) -> float | None:
+    """train.prompt_sharing -> the attention pair cost that `share_prompt_rows` weighs rows by, or
+    None (no sharing). A shared row needs an arbitrary attention mask, which megatron's local
+    attention applies; Transformer Engine's attention, as megatron builds it, is causal only."""
+    from megatron_mgrpo.config import ConfigError
+    from megatron_mgrpo.models.provider import transformer_engine_available
+
+    if mode == "never" or (mode == "auto" and transformer_engine_available()):
+        return None
+    if transformer_engine_available():
+        raise ConfigError("train.prompt_sharing=always needs megatron's local attention (a per-row attention "
+                          "mask), but Transformer Engine layers are in use, whose attention is causal only: "
+                          "set train.prompt_sharing=auto or never")
+    mlp = spec.moe_topk * spec.moe_ffn_hidden_size if spec.num_experts else spec.ffn_hidden_size
+    return attention_pair_cost(spec.hidden_size, spec.num_heads, spec.head_dim, spec.num_query_groups, mlp)
 
 
 def _from_every_data_parallel_rank(value) -> list:

@@ -105,6 +105,50 @@ def test_parallel_first_step_matches_tp1(tmp_path, tp, pp, source):
         assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
+def _first_step_scored_and_not(rank, port, overrides, results):
+    """Step 0 of two trainers on the same samples: one scores them before training, one does not."""
+    from pathlib import Path
+
+    from megatron_mgrpo.data.datasets import load_prompts_from_config
+    from megatron_mgrpo.metrics import PhaseTimer
+    from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
+    from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
+    from megatron_mgrpo.trainer import Trainer
+    from megatron_mgrpo.warmstart import warm_start
+
+    cfg = load_config(EMBEDDED_PRESET, SMALL + overrides)
+    init_distributed(seed=cfg.train.seed, launch=Launch(rank, 1, rank, "127.0.0.1", port))
+    try:
+        model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir())
+        for score_first in (True, False):
+            trainer = Trainer(cfg, Path(results["dir"]), model_dir, load_prompts_from_config(cfg.data).records, [])
+            trainer.score_first = score_first
+            try:
+                results[score_first] = trainer.step(0, PhaseTimer().phase)
+            finally:
+                trainer.close()
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_an_update_not_scored_first_equals_one_scored_first(tmp_path):
+    """Without the IQR filter, Intuitor or several updates per rollout the step skips its scoring
+    pass: the update's own detached log-probs are the old ones, and its forward, which then reads
+    every policy response (those without a label flagged out of the loss), measures the entropy.
+    Loss, gradient, KL and entropy equal those of a step that scored first."""
+    results = mp.Manager().dict(dir=str(tmp_path))
+    overrides = ["reward.label_source=srt", "algo.iqr_filter=false",
+                 "algo.kl_coef=0.01", "reward.vote_threshold=0.2"]
+    mp.start_processes(_first_step_scored_and_not, args=(free_port(), overrides, results), nprocs=1,
+                       start_method="spawn")
+    scored, not_scored = results[True], results[False]
+    assert 0 < scored["label/labelled"] < 1  # some prompts have no label: the trained flag has work to do
+    assert not_scored["reward/mean"] == scored["reward/mean"]  # identical samples
+    for key in ("train/loss", "train/grad_norm", "entropy/mean", "kl/mean", "iqr/kept"):
+        assert not_scored[key] == pytest.approx(scored[key], rel=1e-5, abs=1e-7), key
+
+
 @pytest.mark.slow
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = ["train.steps=4", "eval.interval=2"]

@@ -208,11 +208,18 @@ def check_engine_routing_is_replayed(rank: int, world: int, pp: int, ep: int, po
                 for _ in routers:
                     layer, routing_map = next(maps)
                     ids = _chosen(routing_map).view(width, rows, 2)
-                    for row, index in enumerate(batch.indices):
-                        out[share[index], layer] = ids[:len(sequences.tokens[share[index]]) - 1, row]
+                    for k, index in enumerate(batch.indices):
+                        # a row may hold several responses to one prompt: the prompt's positions, then
+                        # those of this response's tokens but the last (they predict its tokens 1..)
+                        tokens, prompt = sequences.tokens[share[index]], sequences.prompt_lengths[share[index]]
+                        source = batch.source[k, :len(tokens) - prompt]
+                        positions = list(range(prompt)) + (source[1:] % width).tolist()
+                        out[share[index], layer] = ids[positions, int(source[0]) // width]
             seen.clear()
             return out
 
+        if ep == 1:  # the two samples of a prompt share a row (with EP=2 each rank has one of them)
+            assert sum(len(batch.input_ids) for batch in policy._my_share(sequences)[1]) < len(samples)
         policy.score(sequences)
         replayed = chosen_per_sequence()
         assert len(replayed) == len(data_parallel_share(len(samples), policy.dp_rank, policy.dp_size)) * len(routers)

@@ -16,16 +16,18 @@ MOMENTUM = 0.5  # large, so one EMA step moves the momentum copy visibly
 
 
 def sequences(count: int = 8) -> TrainSequences:
-    """`count` sequences of uneven prompt and response lengths, with advantages and engine log-probs."""
+    """`count` sequences of uneven prompt and response lengths, with advantages and engine log-probs;
+    three responses per prompt (the policy shares a prompt among its responses' rows)."""
     g = torch.Generator().manual_seed(0)
-    tokens, prompts, rollout, advantages = [], [], [], []
+    prompts = [torch.randint(3, 101, (3 + p,), generator=g).tolist() for p in range(-(-count // 3))]
+    tokens, prompt_lengths, rollout, advantages = [], [], [], []
     for i in range(count):
-        prompt, response = 3 + i % 4, 2 + (5 * i) % 9
-        tokens.append(torch.randint(3, 101, (prompt + response,), generator=g).tolist())
-        prompts.append(prompt)
+        prompt, response = prompts[i // 3], 1 + (5 * i) % 9
+        tokens.append(prompt + torch.randint(3, 101, (response,), generator=g).tolist())
+        prompt_lengths.append(len(prompt))
         rollout.append((-torch.rand(response, generator=g) * 4).tolist())
         advantages.append(float(torch.randn((), generator=g)))
-    return TrainSequences(tokens, prompts, {"rollout_logp": rollout}, {"advantage": advantages})
+    return TrainSequences(tokens, prompt_lengths, {"rollout_logp": rollout}, {"advantage": advantages})
 
 
 def objective(batch, logp):
@@ -36,13 +38,14 @@ def objective(batch, logp):
     return loss, int(batch.response_mask.sum()), {name: float(v) for name, v in stats.items()}
 
 
-def config(tp: int, pp: int):
+def config(tp: int, pp: int, prompt_sharing: str = "always"):
     return load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "train.lr=0.01", "train.lr_warmup_steps=0",
                                   "train.lr_schedule=constant", "train.grad_clip=0.5", "train.micro_batch_tokens=40",
-                                  f"algo.momentum={MOMENTUM}", "model.dtype=fp32"])
+                                  f"algo.momentum={MOMENTUM}", "model.dtype=fp32", f"train.prompt_sharing={prompt_sharing}"])
 
 
-def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count: int = 8) -> None:
+def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count: int = 8,
+             prompt_sharing: str = "always") -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
@@ -53,8 +56,9 @@ def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count:
     try:
         hf_model = tiny("qwen3")
         spec = model_spec_from_hf(hf_model.config, tp=tp)
-        policy = MegatronPolicy(spec, hf_model.state_dict(), config(tp, pp), momentum=True)
+        policy = MegatronPolicy(spec, hf_model.state_dict(), config(tp, pp, prompt_sharing), momentum=True)
         batch = sequences(count)
+        rows = sum(len(micro.input_ids) for micro in policy._my_share(batch)[1])
         before = policy.score(batch, TEMPERATURE)
         metrics = policy.train_step(batch, objective, TEMPERATURE)
         after = policy.score(batch, TEMPERATURE)
@@ -62,14 +66,14 @@ def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count:
         momentum = policy.score(batch, TEMPERATURE, weights="momentum")
         exported = {"policy": dict(policy.hf_weights("policy")), "momentum": dict(policy.hf_weights("momentum"))}
         results[rank] = {"before": before, "after": after, "momentum": momentum, "metrics": metrics,
-                         "weights": exported, "dp": ps.get_data_parallel_world_size()}
+                         "weights": exported, "dp": ps.get_data_parallel_world_size(), "rows": rows}
     finally:
         destroy_distributed()
 
 
-def launch(tp: int, pp: int, world: int, count: int = 8) -> dict:
+def launch(tp: int, pp: int, world: int, count: int = 8, prompt_sharing: str = "always") -> dict:
     results = mp.Manager().dict()
-    mp.start_processes(run_step, args=(world, tp, pp, free_port(), results, count), nprocs=world,
+    mp.start_processes(run_step, args=(world, tp, pp, free_port(), results, count, prompt_sharing), nprocs=world,
                        start_method="spawn")
     return dict(results)
 
@@ -89,6 +93,9 @@ def reference():
 
 
 def test_scores_match_hf_and_the_step_learns(reference):
+    """Scored with prompts shared among responses, each response's log-probs are those of the HF
+    model reading that sequence alone."""
+    assert reference["rows"] < 8  # the 8 sequences were read in fewer rows: prompts were shared
     hf_model = tiny("qwen3").eval()
     batch = sequences()
     with torch.no_grad():
@@ -103,6 +110,19 @@ def test_scores_match_hf_and_the_step_learns(reference):
     gain = sum(a * (after.sum() - before.sum()) for a, before, after in
                zip(advantages, reference["before"].logprobs, reference["after"].logprobs))
     assert gain > 0
+
+
+def test_a_step_with_shared_prompts_equals_one_without(reference):
+    """Prompt sharing changes only how the sequences are laid out: scores, loss and gradient
+    norm equal those of one row per sequence."""
+    unshared = launch(1, 1, 1, prompt_sharing="never")[0]
+    assert unshared["rows"] == 8 and reference["rows"] < 8
+    for key in ("before", "after"):
+        for got, want in zip(reference[key].logprobs + reference[key].entropy,
+                             unshared[key].logprobs + unshared[key].entropy):
+            assert torch.allclose(got, want, atol=1e-5), key
+    for name in ("loss", "grad_norm", "tis_weight_mean"):
+        assert reference["metrics"][name] == pytest.approx(unshared["metrics"][name], rel=1e-5), name
 
 
 def test_sharded_ema_equals_unsharded_ema(reference):
