@@ -11,7 +11,10 @@ math-verify's lenient judgement is not transitive. Two cheap checks skip the sym
 comparison: plain numbers are compared by value (integers and fractions exactly; a percent is
 its value / 100, so 50% = 0.5 but 50 != 50%, where math-verify alone merges 50% with both), and
 a plain-word answer ("Tuesday") equals only itself (math-verify reads words as products of
-symbols, where anagrams are equal).
+symbols, where anagrams are equal). A prompt whose distinct forms are all integers or words
+(GSM8K, AIME and the built-in tasks, nearly always) has nothing for math-verify to decide:
+distinct integer forms are distinct values, and a word equals only itself; it never reaches a
+worker.
 
 math-verify parses with sympy, which can take unbounded time on hostile LaTeX, and its own
 timeouts only work in a process's main thread. So it runs in worker processes with its own
@@ -44,6 +47,7 @@ _OUTER_DOLLARS = re.compile(r"^\$+|(?<!\\)\$+$")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
+_INTEGER = re.compile(r"-?\d+")
 _STARTUP_TIMEOUT_S = 120.0
 
 
@@ -74,6 +78,14 @@ def _drop_space(match: re.Match) -> str:
 def _is_words(text: str) -> bool:
     """Plain words ("Tuesday", "no solution"), not a product of one- or two-letter symbols."""
     return _WORDS.fullmatch(text) is not None and sum(c.isalpha() for c in text) >= 3
+
+
+def _apart_by_form(forms: list[str]) -> bool:
+    """Whether no two of these distinct canonical forms can be equivalent: each is an integer (the
+    canonical form of a number is unique: no sign of zero, no leading or trailing zeros) or plain
+    words. `SymbolicGrouper.merge` would keep them all apart too: integers compare by exact value
+    and words never merge."""
+    return all(_INTEGER.fullmatch(form) or _is_words(form) for form in forms)
 
 
 def _strip_period(s: str) -> str:
@@ -303,7 +315,7 @@ class AnswerGrader:
     def _merge_all(self, requests: list[list[str]]) -> list[list[int]]:
         """Leader index per form, per request; a request that fails keeps every form apart."""
         results = [list(range(len(forms))) for forms in requests]
-        pending = deque(i for i, forms in enumerate(requests) if len(forms) > 1)
+        pending = deque(i for i, forms in enumerate(requests) if len(forms) > 1 and not _apart_by_form(forms))
         self.stats.requests += len(requests)
         if self._local is not None:
             for i in pending:

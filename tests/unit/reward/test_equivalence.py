@@ -114,6 +114,21 @@ def test_grouping_does_not_depend_on_answer_order(grader, answers, seed):
     assert partition(grader.group_answers(answers)) == partition(unshuffled)
 
 
+def test_integers_and_words_never_reach_math_verify():
+    """Distinct integer forms are distinct numbers and a word equals only itself: such a prompt
+    is grouped by canonical form alone, here without any grouper to call."""
+    class NoSymbolicWork:
+        def merge(self, forms):
+            raise AssertionError(f"math-verify was asked about {forms}")
+
+    grader = AnswerGrader(num_workers=0)
+    grader._local = NoSymbolicWork()
+    assert grader.group_many([["12", "12.0", "012", "-0", "0", "7", "seven days", None, "-7"]]) == [
+        [0, 0, 0, 1, 1, 2, 3, None, 4]]
+    with pytest.raises(AssertionError, match="math-verify was asked"):
+        grader.group_answers(["12", r"\frac{24}{2}"])
+
+
 def test_parse_cache_and_failure_counters(grader):
     grader.group_answers(["17", "19", r"\frac{", "23"])
     before = (grader.stats.parses, grader.stats.cache_hits, grader.stats.parse_failures)
@@ -125,15 +140,15 @@ def test_parse_cache_and_failure_counters(grader):
 @pytest.mark.slow
 def test_a_hang_becomes_a_counted_timeout_and_the_pool_recovers():
     with FaultyGrader(num_workers=2, timeout_s=1.0) as grader:
-        grader.group_many([["1", "2"], ["3", "4"]])  # both workers up: start-up never counts against a deadline
+        grader.group_many([["1", "0.5"], ["3", "0.75"]])  # both workers up: start-up never counts against a deadline
         start = time.perf_counter()
         stuck, fine = grader.group_many([["hang", "3", r"\frac{6}{2}", "3"], [r"\frac{1}{2}", "0.5"]])
         assert time.perf_counter() - start < 5
         assert grader.stats.timeouts == 1
         assert stuck == [0, 1, 2, 1]  # only canonical merges survive a timeout
         assert fine == [0, 0]  # the other prompt was graded by the other worker meanwhile
-        died, = grader.group_many([["die", "1", "1.0"]])
-        assert grader.stats.worker_crashes == 1 and died == [0, 1, 1]
+        died, = grader.group_many([["die", "1", "1.0", r"\frac{2}{2}"]])
+        assert grader.stats.worker_crashes == 1 and died == [0, 1, 1, 2]
         assert grader.group_many([[r"\frac{1}{2}", "0.5"]] * 3) == [[0, 0]] * 3  # replaced workers work
         processes = [worker.process for worker in grader._workers]
     assert not any(p.is_alive() for p in processes)  # leaving the context stops the workers
