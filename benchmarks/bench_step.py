@@ -18,7 +18,7 @@ import time
 
 import torch
 
-STEPS = 6
+STEPS = 11
 COMMON = ["model.path=builtin:tiny-qwen3", "data.path=builtin:small_sums", "warmstart.steps=300",
           "rollout.group_size=8", "rollout.max_new_tokens=12", "rollout.temperature=1.0", "train.prompts_per_step=8",
           "train.lr=1e-4", "train.lr_warmup_steps=0", "algo.iqr_filter=false", "algo.kl_coef=0",

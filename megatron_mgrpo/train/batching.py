@@ -140,9 +140,10 @@ def share_prompt_rows(sequences: TrainSequences, token_budget: int, pair_cost: f
 def attention_pair_cost(hidden_size: int, num_heads: int, head_dim: int, num_query_groups: int,
                         mlp_size: int) -> float:
     """FLOPs of one attended (query, key) pair over FLOPs of one token through a layer's linear
-    layers (`mlp_size`: the intermediate size a token passes through, all active experts)."""
-    linear = hidden_size * head_dim * (2 * num_heads + 2 * num_query_groups) + 3 * hidden_size * mlp_size
-    return 2 * num_heads * head_dim / (2 * linear)
+    layers (`mlp_size`: the intermediate size a token passes through, all active experts): a
+    pair costs 2 multiply-adds per head dimension (q.k and p v), a token one per weight."""
+    weights = hidden_size * head_dim * (2 * num_heads + 2 * num_query_groups) + 3 * hidden_size * mlp_size
+    return 2 * num_heads * head_dim / weights
 
 
 def row_width(sequences: TrainSequences, row: list[int]) -> int:
@@ -176,40 +177,37 @@ def collate(sequences: TrainSequences, rows: list[list[int]], pad_id: int = 0, *
     num_rows = len(rows) if num_rows is None else num_rows
     width = max(row_width(sequences, row) for row in rows) if width is None else width
     members = [index for row in rows for index in row]
-    longest = max([len(sequences.tokens[i]) - sequences.prompt_lengths[i] for i in members] + [1])
-    n = max(len(members), 1)  # a micro-batch without sequences keeps one empty response row
-    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
-    positions = torch.arange(width).repeat(num_rows, 1)
-    segments = torch.full((num_rows, width), -1)  # 0: the prompt, k: the row's k-th response
-    source = torch.zeros(n, longest, dtype=torch.long)
-    targets = torch.zeros(n, longest, dtype=torch.long)
-    response_mask = torch.zeros(n, longest, dtype=torch.bool)
-    fields = {name: torch.zeros(n, longest) for name in sequences.token_fields}
-    routes = []
-    k = 0
+    row_tokens, row_positions, row_segments, sources, responses = [], [], [], [], []
     for r, row in enumerate(rows):
         prompt = sequences.prompt_lengths[row[0]]
-        input_ids[r, :prompt] = torch.tensor(sequences.tokens[row[0]][:prompt])
-        segments[r, :prompt] = 0
-        start = prompt
+        # segment 0: the prompt; k: the row's k-th response, positioned right after the prompt
+        tokens, positions, segments = list(sequences.tokens[row[0]][:prompt]), list(range(prompt)), [0] * prompt
         for segment, index in enumerate(row, 1):
             response = sequences.tokens[index][prompt:]
-            end = start + len(response)
-            input_ids[r, start:end] = torch.tensor(response, dtype=torch.long)
-            positions[r, start:end] = torch.arange(prompt, prompt + len(response))
-            segments[r, start:end] = segment
+            start = r * width + len(tokens)
             # the first response token is predicted at the prompt's last position, the others in-segment
-            source[k, :len(response)] = r * width + torch.tensor([prompt - 1] + list(range(start, end - 1)))
-            targets[k, :len(response)] = torch.tensor(response, dtype=torch.long)
-            response_mask[k, :len(response)] = True
-            for name, values in sequences.token_fields.items():
-                fields[name][k, :len(response)] = torch.as_tensor(values[index], dtype=torch.float32)
-            k, start = k + 1, end
-        if sequences.routing is not None:
-            routes.append(_row_routing(sequences, row))
+            sources.append([r * width + prompt - 1] + list(range(start, start + len(response) - 1)))
+            responses.append(response)
+            tokens += response
+            positions += range(prompt, prompt + len(response))
+            segments += [segment] * len(response)
+        row_tokens.append(tokens)
+        row_positions.append(positions + list(range(len(positions), width)))
+        row_segments.append(segments)
+    padding_rows = [[]] * (num_rows - len(rows))
+    input_ids = _padded(row_tokens + padding_rows, width, pad_id, torch.long)
+    positions = _padded(row_positions + [list(range(width))] * len(padding_rows), width, 0, torch.long)
+    segments = _padded(row_segments + padding_rows, width, -1, torch.long)
+    longest = max(map(len, responses), default=1) or 1
+    responses = responses or [[]]  # a micro-batch without sequences keeps one empty response row
+    source = _padded(sources or [[]], longest, 0, torch.long)
+    targets = _padded(responses, longest, 0, torch.long)
+    response_mask = _padded([[True] * len(response) for response in responses], longest, False, torch.bool)
+    fields = {name: _padded([_as_list(values[i]) for i in members] or [[]], longest, 0.0, torch.float32)
+              for name, values in sequences.token_fields.items()}
     for name, values in sequences.sequence_fields.items():
-        fields[name] = torch.zeros(n)
-        fields[name][:len(members)] = torch.tensor([float(values[i]) for i in members])
+        fields[name] = torch.tensor([float(values[i]) for i in members] or [0.0])
+    routes = [_row_routing(sequences, row) for row in rows] if sequences.routing is not None else []
     attention_mask = None
     if any(len(row) > 1 for row in rows):
         query, key = segments[:, :, None], segments[:, None, :]
@@ -222,6 +220,15 @@ def collate(sequences: TrainSequences, rows: list[list[int]], pad_id: int = 0, *
         layers, topk = routing_shape or (len(routes[0]), routes[0][0].shape[-1])
         routing = batch_routing(routes, width, topk, rows=num_rows, layers=layers)
     return MicroBatch(members, input_ids, positions, attention_mask, source, targets, response_mask, fields, routing)
+
+
+def _padded(rows: list[list], length: int, fill, dtype: torch.dtype) -> torch.Tensor:
+    """[len(rows), length]: each row's values, then `fill` (one tensor built from Python lists)."""
+    return torch.tensor([row + [fill] * (length - len(row)) for row in rows], dtype=dtype)
+
+
+def _as_list(values) -> list:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
 def _row_routing(sequences: TrainSequences, row: list[int]) -> list[torch.Tensor]:

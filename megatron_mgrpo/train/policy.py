@@ -164,7 +164,7 @@ class MegatronPolicy:
         def per_sequence(batch: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True):
             mask = batch.response_mask
             certainty = [float("nan")] * len(batch.indices)
-            if self_certainty:
+            if self_certainty:  # before the log-probs, which consume the logits
                 per_token = vocab_parallel_self_certainty(self._response_logits(batch, logits), self.spec.vocab_size)
                 certainty = [float(per_token[row][mask[row]].sum() / max(int(mask[row].sum()), 1))
                              for row in range(len(batch.indices))]

@@ -100,3 +100,24 @@ def test_data_parallel_shares_partition_the_batch():
 def test_inconsistent_sequences_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainSequences(**bad)
+
+
+def test_prompt_sharing_follows_the_attention_in_use(monkeypatch):
+    """Shared rows need an arbitrary attention mask: megatron's local attention applies one,
+    Transformer Engine's causal attention would silently ignore it, so auto turns sharing off and
+    always is refused with the fix."""
+    from megatron_mgrpo.config import ConfigError
+    from megatron_mgrpo.models import provider
+    from megatron_mgrpo.train.policy import prompt_sharing
+    from tests.unit.models.test_weight_map import tiny
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
+
+    spec = model_spec_from_hf(tiny("qwen3").config)
+    assert prompt_sharing("never", spec) is None
+    monkeypatch.setattr(provider, "transformer_engine_available", lambda: False)
+    cost = prompt_sharing("auto", spec)
+    assert cost == prompt_sharing("always", spec) and 0 < cost < 1
+    monkeypatch.setattr(provider, "transformer_engine_available", lambda: True)
+    assert prompt_sharing("auto", spec) is None
+    with pytest.raises(ConfigError, match="train.prompt_sharing=always needs megatron's local attention"):
+        prompt_sharing("always", spec)
