@@ -19,11 +19,20 @@ from urllib.parse import urlsplit
 import httpx
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on `host`."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port that is free right now on `host` and that this process has not handed out
+    before: the OS may offer a just-released port again, so two servers set up before either
+    binds would get the same one, and the second would find the first answering on it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class ServerError(RuntimeError):
@@ -58,6 +67,8 @@ class ServerProcess:
     def start(self) -> None:
         if self.is_alive():
             return
+        if self.healthy():  # else the other server's answers would pass for ours while ours fails to bind
+            raise ServerError(f"a server already answers at {self.spec.url}: start this one on another port")
         self.spec.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_file, "ab") as log:
             log.write(f"\n==== starting: {' '.join(self.spec.command)}\n".encode())

@@ -79,3 +79,23 @@ def test_wrong_api_key_is_not_healthy(tmp_path):
     with ServerProcess(spec) as server:
         spec.api_key = "wrong"
         assert not server.healthy()
+
+
+def test_a_port_another_server_answers_on_is_refused(tmp_path):
+    """Starting where a server already answers would take its health for ours while ours fails
+    to bind; it is an error instead, and the running server is left alone."""
+    spec = spec_for(tmp_path, "serve")
+    with ServerProcess(spec) as running:
+        second = ServerProcess(ServerSpec(command=spec.command, port=spec.port, log_file=tmp_path / "second.log",
+                                          api_key="secret", startup_timeout_s=30.0))
+        with pytest.raises(ServerError, match=f"already answers at {spec.url}"):
+            second.start()
+        assert not second.is_alive() and running.healthy()
+
+
+def test_free_ports_are_never_handed_out_twice():
+    """Servers set up before any of them binds must not share a port: the OS may offer a
+    just-released one again (two fake SGLang servers once got the same port, and the second
+    engine joined the first server's weight group twice)."""
+    ports = [free_port() for _ in range(64)]
+    assert len(set(ports)) == len(ports)
