@@ -169,8 +169,8 @@ class Trainer:
             samples = self.sample(batch, step) if self.rank0 else None
             sequences = _broadcast(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
         with phase("logprobs"):
-            scores = self.policy.score(sequences, cfg.rollout.temperature,
-                                       self_certainty=cfg.reward.label_source == "intuitor") if self.score_first else None
+            scores = None if not self.score_first else self.policy.score(
+                sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")
         with phase("rewards"):
             graded = _broadcast(self.rewards(batch, samples, scores) if self.rank0 else None)
         with phase("logprobs"):

@@ -126,7 +126,8 @@ def share_prompt_rows(sequences: TrainSequences, token_budget: int, pair_cost: f
         row, width = [], 0
         for index in members:
             response = len(sequences.tokens[index]) - prompt
-            if row and width + response <= token_budget and cost(width + response) <= cost(width) + cost(prompt + response):
+            fits = width + response <= token_budget
+            if row and fits and cost(width + response) <= cost(width) + cost(prompt + response):
                 row.append(index)
                 width += response
             else:

@@ -41,7 +41,8 @@ def objective(batch, logp):
 def config(tp: int, pp: int, prompt_sharing: str = "always"):
     return load_config(overrides=[f"parallel.tp={tp}", f"parallel.pp={pp}", "train.lr=0.01", "train.lr_warmup_steps=0",
                                   "train.lr_schedule=constant", "train.grad_clip=0.5", "train.micro_batch_tokens=40",
-                                  f"algo.momentum={MOMENTUM}", "model.dtype=fp32", f"train.prompt_sharing={prompt_sharing}"])
+                                  f"algo.momentum={MOMENTUM}", "model.dtype=fp32",
+                                  f"train.prompt_sharing={prompt_sharing}"])
 
 
 def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count: int = 8,

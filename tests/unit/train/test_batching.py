@@ -23,7 +23,8 @@ def test_one_sequence_per_row_aligns_fields_with_the_targets():
 
 def test_a_shared_row_gives_each_response_the_prompt_and_itself():
     # prompt [5, 6]; responses [7, 8, 9] and [3]; a third sequence with another prompt
-    seqs = TrainSequences([[5, 6, 7, 8, 9], [5, 6, 3], [4, 2]], [2, 2, 1], {"logp": [[-1.0, -2.0, -3.0], [-4.0], [-5.0]]})
+    seqs = TrainSequences([[5, 6, 7, 8, 9], [5, 6, 3], [4, 2]], [2, 2, 1],
+                          {"logp": [[-1.0, -2.0, -3.0], [-4.0], [-5.0]]})
     batch = collate(seqs, [[0, 1], [2]], pad_id=0)
     assert batch.indices == [0, 1, 2]
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 3], [4, 2, 0, 0, 0, 0]]
@@ -108,9 +109,9 @@ def test_prompt_sharing_follows_the_attention_in_use(monkeypatch):
     always is refused with the fix."""
     from megatron_mgrpo.config import ConfigError
     from megatron_mgrpo.models import provider
+    from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.train.policy import prompt_sharing
     from tests.unit.models.test_weight_map import tiny
-    from megatron_mgrpo.models.hf_config import model_spec_from_hf
 
     spec = model_spec_from_hf(tiny("qwen3").config)
     assert prompt_sharing("never", spec) is None
