@@ -13,6 +13,7 @@ the model's distribution.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,11 +54,32 @@ def vocab_parallel_logprobs_and_entropy(local_logits: torch.Tensor, targets: tor
 @torch.no_grad()
 def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperature: float = 1.0,
                            chunk_tokens: int = 256) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per token (no gradient: it feeds the IQR filter and metrics).
+    """Entropy of softmax(logits / T) per token (no gradient: it feeds the IQR filter and metrics):
+    H = log Z - sum_v p_v (z_v - max z), with Z the normaliser of the shifted logits."""
+    _, normaliser, weighted = _softmax_sums(local_logits, vocab_size, temperature, chunk_tokens,
+                                            lambda logits, shifted, weights: torch.linalg.vecdot(weights, shifted))
+    return (normaliser.log() - weighted / normaliser).reshape(local_logits.shape[:-1])
 
-    Tokens are processed in chunks so the temporaries stay a small fraction of the logits; the
-    TP group sees two all-reduces in total.
-    """
+
+@torch.no_grad()
+def vocab_parallel_self_certainty(local_logits: torch.Tensor, vocab_size: int, chunk_tokens: int = 256) -> torch.Tensor:
+    """Intuitor's per-token self-certainty KL(U || p) = log Z - mean_v z_v - log V, p = softmax(z),
+    over the real vocabulary (at temperature 1: it scores the model, not the sampler)."""
+    from megatron.core import parallel_state
+
+    width = local_logits.shape[-1]
+    real = (torch.arange(width) + parallel_state.get_tensor_model_parallel_rank() * width) < vocab_size
+    peak, normaliser, total = _softmax_sums(local_logits, vocab_size, 1.0, chunk_tokens,
+                                            lambda logits, shifted, weights: torch.where(real, logits, 0).sum(-1))
+    return (peak + normaliser.log() - total / vocab_size - math.log(vocab_size)).reshape(local_logits.shape[:-1])
+
+
+def _softmax_sums(local_logits: torch.Tensor, vocab_size: int, temperature: float, chunk_tokens: int,
+                  term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Per token, over the whole (TP-split) vocabulary of logits / T with padding masked: the
+    peak logit, the normaliser Z = sum exp(z - peak), and the sum of `term(logits, logits - peak,
+    exp(logits - peak))` (a row sum per token). Tokens are processed in chunks so the temporaries
+    stay a small fraction of the logits; the TP group sees two all-reduces in total."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -68,34 +90,10 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperat
     sums = torch.empty(2, rows.shape[0])
     for index, chunk in enumerate(rows.split(chunk_tokens)):
         span = slice(index * chunk_tokens, index * chunk_tokens + chunk.shape[0])
-        shifted = _masked_padding(chunk, vocab_size, temperature) - peak[span, None]
+        logits = _masked_padding(chunk, vocab_size, temperature)
+        shifted = logits - peak[span, None]
         weights = shifted.exp()
         sums[0, span] = weights.sum(-1)
-        sums[1, span] = torch.linalg.vecdot(weights, shifted)
+        sums[1, span] = term(logits, shifted, weights)
     dist.all_reduce(sums, group=group)
-    normaliser, weighted = sums
-    return (normaliser.log() - weighted / normaliser).reshape(local_logits.shape[:-1])
-
-
-@torch.no_grad()
-def vocab_parallel_self_certainty(local_logits: torch.Tensor, vocab_size: int, chunk_tokens: int = 256) -> torch.Tensor:
-    """Intuitor's per-token self-certainty KL(U || p) = log Z - mean_v z_v - log V, p = softmax(z),
-    over the real vocabulary (at temperature 1: it scores the model, not the sampler); the same
-    two all-reduces as `vocab_parallel_entropy`, never a gathered vocabulary."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    rows = local_logits.reshape(-1, local_logits.shape[-1])
-    peak = torch.cat([_masked_padding(chunk, vocab_size, 1.0).amax(dim=-1) for chunk in rows.split(chunk_tokens)])
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    width = rows.shape[-1]
-    real = (torch.arange(width) + parallel_state.get_tensor_model_parallel_rank() * width) < vocab_size
-    sums = torch.empty(2, rows.shape[0])
-    for index, chunk in enumerate(rows.split(chunk_tokens)):
-        span = slice(index * chunk_tokens, index * chunk_tokens + chunk.shape[0])
-        logits = _masked_padding(chunk, vocab_size, 1.0)
-        sums[0, span] = (logits - peak[span, None]).exp().sum(-1)
-        sums[1, span] = torch.where(real, logits, 0).sum(-1)
-    dist.all_reduce(sums, group=group)
-    normaliser, total = sums
-    return (peak + normaliser.log() - total / vocab_size - math.log(vocab_size)).reshape(local_logits.shape[:-1])
+    return peak, sums[0], sums[1]
