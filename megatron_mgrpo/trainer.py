@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -339,8 +340,13 @@ def _train_sequences(samples: list[list[Sample]], routing: bool) -> TrainSequenc
 
 
 def _on_this_host(url: str) -> bool:
-    host = urlsplit(url).hostname
-    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
+    return urlsplit(url).hostname in _this_host_names()
+
+
+@functools.cache
+def _this_host_names() -> frozenset[str]:
+    """Looked up once: `getfqdn` may ask DNS, and every server URL is checked, some twice."""
+    return frozenset(("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()))
 
 
 def _split(count: int, parts: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from megatron_mgrpo.launch.slurm import NodeRoles
 from megatron_mgrpo.rollout import vllm_engine
 from megatron_mgrpo.rollout.pools import URLS_ENV
 
+
 @dataclass(frozen=True)
 class Engine:
     pool: str

@@ -7,8 +7,9 @@ request per prompt (n samples each), many in flight at once. Weight pushes go th
 the named tensors are written once as safetensors to `weights_dir` (shared memory by default;
 for a server on another host, a file system both see), with the weights version and each
 tensor's xxh3 checksum in the file's metadata, and every worker verifies them before vLLM's own
-in-place reload: a damaged or truncated file fails the push, naming the tensor. The server may run from another Python environment (vLLM pins its own
-torch and transformers): only `python` and the path of this package are needed there.
+in-place reload: a damaged or truncated file fails the push, naming the tensor. The server may run
+from another Python environment (vLLM pins its own torch and transformers): only `python` and the
+path of this package are needed there.
 
 Retries and crash recovery (restart, re-push the last weights, retry) come from
 `rollout.http_engine.HTTPServerEngine`.

@@ -87,5 +87,6 @@ def unbucketize(buckets: Iterable[Bucket], version: int) -> Iterator[tuple[str, 
             raise CorruptBucketError(f"bucket {bucket.index} carries weights version {bucket.version}, "
                                      f"expected {version}: a stale or mixed-up push")
         if bucket.checksums is not None:
-            verify_checksums(bucket.names, bucket.tensors, bucket.checksums, f"bucket {bucket.index} (version {version})")
+            verify_checksums(bucket.names, bucket.tensors, bucket.checksums,
+                             f"bucket {bucket.index} (version {version})")
         yield from zip(bucket.names, bucket.tensors)
