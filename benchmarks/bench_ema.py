@@ -59,7 +59,6 @@ def main() -> None:
         fractions[dtype] = ours / flat
         print(f"{str(dtype):15s} source: flat fp32 lerp_ {flat:5.1f} GB/s, ema_update_ {ours:5.1f} GB/s "
               f"(first call {first:.1f} s)")
-        del src
     for dtype, fraction in fractions.items():
         print(f"fraction of flat-lerp bandwidth, {dtype} source: {fraction:.2f}")
 

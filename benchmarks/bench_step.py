@@ -1,24 +1,27 @@
-"""One RL step on the embedded tiny model: ours (per phase) vs TRL's GRPOTrainer, same process.
+"""One RL step on the embedded tiny model: ours (per phase) vs TRL's GRPOTrainer.
 
 Same warm-started builtin:tiny-qwen3 (0.8M params, character tokenizer), same prompts
 (builtin:small_sums), 8 prompts x G = 8 completions of at most 12 tokens, temperature 1.0, gold
 rewards (GRPO with verifiable rewards, the configuration both can run), no KL term (TRL's default
 beta = 0 skips its reference model; ours is set to match), one optimizer step per batch, fp32 on
-CPU. TRL runs without gradient checkpointing (its default would only slow it down at this size).
+CPU, as many CPU threads as cores. TRL runs without gradient checkpointing (its default would only
+slow it down at this size), in a fresh process of its own.
 Also reported: a full M-GRPO step (momentum pool N = 2, IQR filter, KL 0.005 to the initial model).
 Each figure is the median of the steps after the first.
 
 Run: python benchmarks/bench_step.py   (needs `pip install trl`)
 """
 
+import multiprocessing
 import os
-from pathlib import Path
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
-STEPS = 11
+STEPS = 21
 COMMON = ["model.path=builtin:tiny-qwen3", "data.path=builtin:small_sums", "warmstart.steps=300",
           "rollout.group_size=8", "rollout.max_new_tokens=12", "rollout.temperature=1.0", "train.prompts_per_step=8",
           "train.lr=1e-4", "train.lr_warmup_steps=0", "algo.iqr_filter=false", "algo.kl_coef=0",
@@ -48,16 +51,20 @@ def ours(overrides: list[str], model_dir) -> tuple[float, dict[str, float]]:
         k: statistics.median(s.get(k, 0.0) for s in steps[1:]) for k in keys}
 
 
-def trl_step(model_dir, cfg) -> float:
-    """Median step seconds of TRL's GRPOTrainer on the same model, prompts and settings."""
+def trl_step(model_dir) -> float:
+    """Median step seconds of TRL's GRPOTrainer on the same model, prompts and settings (run in a
+    process of its own: nothing of ours, no gloo threads, the same number of CPU threads)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from megatron_mgrpo.config import load_config
     from megatron_mgrpo.data.datasets import load_prompts_from_config
     from megatron_mgrpo.data.templates import PromptTemplate
     from megatron_mgrpo.reward.extract import extract_answer
 
+    torch.set_num_threads(os.cpu_count())
+    cfg = load_config(overrides=COMMON)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = load_prompts_from_config(cfg.data).records
     render = PromptTemplate(tokenizer, cfg.data.template).render
@@ -107,7 +114,8 @@ def main() -> None:
         mgrpo, mgrpo_phases = ours(MGRPO, model_dir)
     finally:
         destroy_distributed()
-    trl = trl_step(model_dir, cfg)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+        trl = fresh_process.submit(trl_step, model_dir).result()
     print(f"8 prompts x G=8, <= 12 new tokens, builtin:tiny-qwen3 fp32, {os.cpu_count()} CPU threads")
     print(f"{'run':<32}{'s/step':>8}  phases (median s)")
     for name, seconds, phases in (("ours: GRPO, gold rewards", grpo, grpo_phases),

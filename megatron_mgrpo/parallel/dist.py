@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.parallel.cpu_compat import apply_cpu_compat
+from megatron_mgrpo.parallel.threads import confine_intra_op_threads
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -125,6 +126,8 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, *, back
     else:
         backend = "nccl" if backend == "auto" else backend
         torch.cuda.set_device(launch.local_rank)
+    if backend == "gloo":  # before gloo's worker threads first run intra-op work (see parallel/threads)
+        confine_intra_op_threads()
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 rank=launch.rank, world_size=launch.world_size)
