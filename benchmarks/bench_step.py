@@ -3,9 +3,9 @@
 Same warm-started builtin:tiny-qwen3 (0.8M params, character tokenizer), same prompts
 (builtin:small_sums), 8 prompts x G = 8 completions of at most 12 tokens, temperature 1.0, gold
 rewards (GRPO with verifiable rewards, the configuration both can run), no KL term (TRL's default
-beta = 0 skips its reference model; ours is set to match), one optimizer step per batch, fp32 on
-CPU, as many CPU threads as cores. TRL runs without gradient checkpointing (its default would only
-slow it down at this size), in a fresh process of its own.
+beta = 0 skips its reference model; ours is set to match, and like TRL logs no drift), one
+optimizer step per batch, fp32 on CPU, as many CPU threads as cores. TRL runs without gradient
+checkpointing (its default would only slow it down at this size), in a fresh process of its own.
 Also reported: a full M-GRPO step (momentum pool N = 2, IQR filter, KL 0.005 to the initial model).
 Each figure is the median of the steps after the first.
 
@@ -25,7 +25,7 @@ STEPS = 21
 COMMON = ["model.path=builtin:tiny-qwen3", "data.path=builtin:small_sums", "warmstart.steps=300",
           "rollout.group_size=8", "rollout.max_new_tokens=12", "rollout.temperature=1.0", "train.prompts_per_step=8",
           "train.lr=1e-4", "train.lr_warmup_steps=0", "algo.iqr_filter=false", "algo.kl_coef=0",
-          "reward.label_source=gt", "eval.prompts=0"]
+          "reward.label_source=gt", "eval.prompts=0", "log.drift=false"]
 MGRPO = ["reward.label_source=mgrpo", "rollout.momentum_samples=2", "algo.iqr_filter=true", "algo.kl_coef=0.005"]
 
 

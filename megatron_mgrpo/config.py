@@ -96,7 +96,8 @@ class AlgoConfig:
                                        "gradient", choices=("truncate", "mask"))
     loss_agg: str = option("token-mean", "how token losses are averaged",
                            choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"))
-    kl_coef: float = option(0.005, "KL penalty coefficient; 0 disables the reference forward", ge=0.0)
+    kl_coef: float = option(0.005, "KL penalty coefficient; 0: no KL term (the reference forward then "
+                                   "runs only for log.drift)", ge=0.0)
     kl_estimator: str = option("k3", "KL estimator: k1 (log ratio), k2 (squared), k3 (low variance)",
                                choices=("k1", "k2", "k3"))
     kl_reference: str = option("initial", "KL anchor: the initial policy or the momentum model",
@@ -195,6 +196,9 @@ class LogConfig:
                        choices=("disabled", "offline", "online"))
     wandb_project: str = option("megatron_mgrpo", "Weights & Biases project")
     interval: int = option(1, "log metrics every this many steps", ge=1)
+    drift: bool = option(True, "with algo.kl_coef=0, still log kl/mean, the KL to the initial policy (the "
+                               "collapse alarm's drift signal): keeps a frozen copy of the initial weights "
+                               "and runs a no-grad forward of it per step; false skips both")
 
 
 @dataclass
@@ -254,6 +258,13 @@ class Config:
         g = self.rollout.group_size
         n = self.rollout.momentum_samples if self.reward.label_source == "mgrpo" else 0
         return g - n, n
+
+    def kl_anchor(self) -> str | None:
+        """Whose log-probs `kl/mean` compares the policy with: the frozen initial weights
+        ("reference"), the momentum model, or nobody (no KL term and no drift logging)."""
+        if self.algo.kl_coef > 0:
+            return {"initial": "reference", "momentum": "momentum"}[self.algo.kl_reference]
+        return "reference" if self.log.drift else None
 
 
 # --------------------------------------------------------------------------------------------

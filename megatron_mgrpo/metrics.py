@@ -317,16 +317,17 @@ def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, kl_ce
 
     - drift: the median of `kl/mean` over the last `window` (10) steps >= `kl_ceiling` (0.2
       nats/token). `kl/mean` estimates the KL from the policy to the initial (warm-started)
-      policy on the step's training responses. On a task the warm start partly solves, the
-      right answers were already likely under it, so learning them costs little KL, while
-      reinforcing its own wrong majorities moves probability onto answers it found unlikely.
+      policy on the step's training responses (logged without a KL term too, unless
+      log.drift=false). On a task the warm start partly solves, the right answers were already
+      likely under it, so learning them costs little KL, while reinforcing its own wrong
+      majorities moves probability onto answers it found unlikely.
       The median ignores a single step's spike (with a few prompts a step `kl/mean` is noisy).
     - anchor split (M-GRPO only): the mean of `label/agreement` (the fraction of prompts where
       the policy's own vote equals the momentum model's) over the last `window` steps is at
       least `agreement_drop` (0.2) below its mean over the first `window` steps. The momentum
       model is a slow average of the policy: when the policy runs away, their votes part.
       With 8 prompts a step the difference of two 10-step means has a standard error of about
-      0.08. This signal also works without `kl/mean` (`algo.kl_coef=0` does not log it).
+      0.08. This signal also works without `kl/mean` (`algo.kl_coef=0 log.drift=false` logs none).
 
     Drift is judged once `window` steps are in (KL is 0 at the start by construction); the
     anchor split needs 2 x `window` steps, for a baseline and a recent window that do not

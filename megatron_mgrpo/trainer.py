@@ -75,9 +75,8 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.spec = model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp)
-        needs_reference = cfg.algo.kl_coef > 0 and cfg.algo.kl_reference == "initial"
         self.policy = MegatronPolicy(self.spec, hf_model.state_dict(), cfg, momentum=True,
-                                     reference=needs_reference, pad_id=self.tokenizer.pad_token_id)
+                                     reference=cfg.kl_anchor() == "reference", pad_id=self.tokenizer.pad_token_id)
         template = PromptTemplate(self.tokenizer, cfg.data.template, cfg.data.few_shot, prompts, cfg.data.seed)
         self.prompts = prompts
         self.prompt_ids = [template.encode(r) for r in prompts]
@@ -199,23 +198,25 @@ class Trainer:
     def objective(self, batch: MicroBatch, logp: torch.Tensor):
         """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty, over the
         responses flagged `trained`; the old log-probs are the scoring pass's, or (one on-policy
-        update, not scored before) the update's own."""
+        update, not scored before) the update's own. The KL is measured whenever the anchor's
+        log-probs are there, and is part of the loss only with algo.kl_coef > 0."""
         algo, fields = self.cfg.algo, batch.fields
         mask = batch.response_mask & (fields["trained"][:, None] > 0)
         old_logp = fields["old_logp"] if "old_logp" in fields else logp.detach()
         loss, stats = policy_loss(logp, old_logp, fields["advantage"], mask, clip_low=algo.clip_low,
                                   clip_high=algo.clip_high, rollout_logp=fields["rollout_logp"],
                                   tis_cap=algo.tis_cap, tis_mode=algo.tis_mode, agg=algo.loss_agg)
-        if algo.kl_coef > 0:
+        if "ref_logp" in fields:
             kl = aggregate(kl_penalty(logp, fields["ref_logp"], algo.kl_estimator), mask, algo.loss_agg)
-            loss = loss + algo.kl_coef * kl
+            if algo.kl_coef > 0:
+                loss = loss + algo.kl_coef * kl
             stats["kl"] = kl.detach()
         return loss, aggregation_units(mask, algo.loss_agg), {k: float(v) for k, v in stats.items()}
 
     def training_sequences(self, sequences: TrainSequences, scores, advantages: torch.Tensor, keep: torch.Tensor,
                            g: int) -> TrainSequences:
         """The policy responses the update reads, with advantages, a `trained` flag (`keep`) and,
-        with a KL penalty, the anchor's log-probs. Scored before training: the kept ones, with
+        with a KL anchor (a KL penalty, or drift logging), its log-probs. Scored before training: the kept ones, with
         their old log-probs. Not scored: all of them (the flag masks the loss), so that the
         update's forward measures the entropy of every policy response."""
         prompts, m = keep.shape
@@ -225,8 +226,7 @@ class Trainer:
         chosen.sequence_fields["trained"] = [float(keep[p, i]) for p, i in rows]
         if scores is not None:
             chosen.token_fields["old_logp"] = [scores.logprobs[p * g + i] for p, i in rows]
-        if self.cfg.algo.kl_coef > 0:
-            anchor = {"initial": "reference", "momentum": "momentum"}[self.cfg.algo.kl_reference]
+        if anchor := self.cfg.kl_anchor():
             reference = self.policy.score(chosen, self.cfg.rollout.temperature, weights=anchor)
             chosen.token_fields["ref_logp"] = reference.logprobs
         return chosen

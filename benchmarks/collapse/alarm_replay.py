@@ -25,7 +25,7 @@ from pathlib import Path
 from megatron_mgrpo.metrics import collapse_alarm, read_metrics
 
 RUNS = Path(__file__).resolve().parent / "runs"
-METHODS = ("srt", "mgrpo", "mgrpo-no-iqr", "gt")
+METHODS = ("srt", "mgrpo", "mgrpo-no-iqr", "gt", "srt-kl0", "gt-kl0")
 
 
 def replay(records: list[dict]) -> tuple[int | None, str, int]:

@@ -2,7 +2,8 @@
 
 Self-rewarding RL (a majority vote over the policy's own answers as the reward) can reinforce its
 own mistakes until its answers agree and are wrong. This runs the four methods on the tiny
-built-in task at a learning rate high enough for that to happen, several seeds each, and writes
+built-in task at a learning rate high enough for that to happen, several seeds each (SRT and
+gold labels also without the KL penalty, for the collapse alarm's drift signal), and writes
 `collapse.png` and `RESULTS.md` next to this file. Runs go to `runs/<method>-s<seed>` as
 subprocesses, at most `--jobs` at a time; a run whose summary.json exists is not run again, so an
 interrupted experiment resumes where it stopped.
@@ -46,6 +47,9 @@ METHODS = {
     "mgrpo": ["reward.label_source=mgrpo"],
     "mgrpo-no-iqr": ["reward.label_source=mgrpo", "algo.iqr_filter=false"],
     "gt": ["reward.label_source=gt"],
+    # without the KL penalty (its drift is still logged, log.drift): does the alarm still tell them apart?
+    "srt-kl0": ["reward.label_source=srt", "algo.kl_coef=0"],
+    "gt-kl0": ["reward.label_source=gt", "algo.kl_coef=0"],
 }
 
 
@@ -118,7 +122,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(13, 8), layout="constrained")
     for ax, (key, title, initial, relative, smoothed) in zip(axes.flat, panels):
         for method, runs in results.items():
-            if not runs or (key == "label/accuracy" and method == "gt"):
+            if not runs or (key == "label/accuracy" and method.startswith("gt")):
                 continue
             steps, values = curve(runs, key, initial)
             columns = [[v - c[0] if relative else v for v in c] for c in zip(*values)]
@@ -160,7 +164,7 @@ def row(method: str, runs: list[dict]) -> str:
         return spread([statistics.fmean(t) for t in tails if t])
 
     change = spread([s["final_true_accuracy"] - s["initial_true_accuracy"] for s in summaries], signed=True)
-    labels = "gold | gold" if method == "gt" else f"{final('label/accuracy')} | {final('label/share_mean')}"
+    labels = "gold | gold" if method.startswith("gt") else f"{final('label/accuracy')} | {final('label/share_mean')}"
     firsts = [replay(r["records"])[0] for r in runs]  # today's rule, also over runs recorded before it changed
     fired = [step for step in firsts if step is not None]
     return (f"| {method} | {len(runs)} | {accuracy('initial_true_accuracy')} | {accuracy('best_true_accuracy')} | "

@@ -246,10 +246,10 @@ def _training_memory(cfg: Config, shape: ModelShape, layout: Layout) -> MemoryPl
         MemoryItem("momentum EMA (fp32)", local * EMA_BYTES / GIB,
                    f"{split}: the EMA is sharded like the weights, never over data parallel"),
     ]
-    if cfg.algo.kl_coef > 0 and cfg.algo.kl_reference == "initial":
+    if cfg.kl_anchor() == "reference":
         items.append(MemoryItem("KL reference (bf16 initial weights)", local * REFERENCE_BYTES / GIB,
                                 "set algo.kl_reference=momentum (the EMA is the anchor, no extra copy) or "
-                                "algo.kl_coef=0"))
+                                "algo.kl_coef=0 log.drift=false"))
     items += [
         MemoryItem("activations", _activation_bytes(cfg, shape) / GIB,
                    "lower train.micro_batch_tokens, set launch.activation_recompute=full or raise parallel.cp"),

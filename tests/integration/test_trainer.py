@@ -105,8 +105,9 @@ def test_parallel_first_step_matches_tp1(tmp_path, tp, pp, source):
         assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
-def _first_step_scored_and_not(rank, port, overrides, results):
-    """Step 0 of two trainers on the same samples: one scores them before training, one does not."""
+def _first_steps(rank, port, variants, steps, results):
+    """The first `steps` steps of one trainer per variant (name -> (overrides, score_first, or None
+    for the trainer's own choice)), all from the same warm start and seeds."""
     from pathlib import Path
 
     from megatron_mgrpo.data.datasets import load_prompts_from_config
@@ -116,19 +117,27 @@ def _first_step_scored_and_not(rank, port, overrides, results):
     from megatron_mgrpo.trainer import Trainer
     from megatron_mgrpo.warmstart import warm_start
 
-    cfg = load_config(EMBEDDED_PRESET, SMALL + overrides)
-    init_distributed(seed=cfg.train.seed, launch=Launch(rank, 1, rank, "127.0.0.1", port))
+    configs = {name: load_config(EMBEDDED_PRESET, SMALL + overrides) for name, (overrides, _) in variants.items()}
+    init_distributed(seed=next(iter(configs.values())).train.seed, launch=Launch(rank, 1, rank, "127.0.0.1", port))
     try:
-        model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir())
-        for score_first in (True, False):
+        for name, (_, score_first) in variants.items():
+            cfg = configs[name]
+            model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir())
             trainer = Trainer(cfg, Path(results["dir"]), model_dir, load_prompts_from_config(cfg.data).records, [])
-            trainer.score_first = score_first
+            if score_first is not None:
+                trainer.score_first = score_first
             try:
-                results[score_first] = trainer.step(0, PhaseTimer().phase)
+                results[name] = [trainer.step(step, PhaseTimer().phase) for step in range(steps)]
             finally:
                 trainer.close()
     finally:
         destroy_distributed()
+
+
+def first_steps(tmp_path, variants, steps=1):
+    results = mp.Manager().dict(dir=str(tmp_path))
+    mp.start_processes(_first_steps, args=(free_port(), variants, steps, results), nprocs=1, start_method="spawn")
+    return {name: results[name] for name in variants}
 
 
 @pytest.mark.slow
@@ -137,16 +146,30 @@ def test_an_update_not_scored_first_equals_one_scored_first(tmp_path):
     pass: the update's own detached log-probs are the old ones, and its forward, which then reads
     every policy response (those without a label flagged out of the loss), measures the entropy.
     Loss, gradient, KL and entropy equal those of a step that scored first."""
-    results = mp.Manager().dict(dir=str(tmp_path))
     overrides = ["reward.label_source=srt", "algo.iqr_filter=false",
                  "algo.kl_coef=0.01", "reward.vote_threshold=0.2"]
-    mp.start_processes(_first_step_scored_and_not, args=(free_port(), overrides, results), nprocs=1,
-                       start_method="spawn")
-    scored, not_scored = results[True], results[False]
+    runs = first_steps(tmp_path, {"scored": (overrides, True), "not scored": (overrides, False)})
+    (scored,), (not_scored,) = runs["scored"], runs["not scored"]
     assert 0 < scored["label/labelled"] < 1  # some prompts have no label: the trained flag has work to do
     assert not_scored["reward/mean"] == scored["reward/mean"]  # identical samples
     for key in ("train/loss", "train/grad_norm", "entropy/mean", "kl/mean", "iqr/kept"):
         assert not_scored[key] == pytest.approx(scored[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_drift_is_logged_without_a_kl_term_and_leaves_the_update_alone(tmp_path):
+    """With algo.kl_coef=0 the KL to the initial policy is still measured (log.drift, the collapse
+    alarm's drift signal) but never enters the loss: two steps train exactly as without it."""
+    overrides = ["reward.label_source=srt", "algo.kl_coef=0", "train.lr=0.003"]
+    runs = first_steps(tmp_path, {"drift": (overrides, None), "no drift": (overrides + ["log.drift=false"], None)},
+                       steps=2)
+    assert all("kl/mean" not in m for m in runs["no drift"])
+    first, second = (m["kl/mean"] for m in runs["drift"])
+    assert first == pytest.approx(0, abs=1e-6)  # step 0 trains the initial weights themselves
+    assert second > 1e-6  # one update later the policy has moved
+    for drift, no_drift in zip(runs["drift"], runs["no drift"]):
+        for key in ("reward/mean", "train/loss", "train/grad_norm", "entropy/mean"):
+            assert drift[key] == no_drift[key], key
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ def drifting(steps=60):
 
 
 def splitting(steps=60):
-    """No KL logged (algo.kl_coef=0); the policy's vote parts from the momentum model's (0.8 -> 0.3)."""
+    """No KL logged (algo.kl_coef=0 log.drift=false); the policy's vote parts from the momentum model's (0.8 -> 0.3)."""
     return history(steps, **{"label/agreement": ramp(0.8, 0.3)})
 
 
