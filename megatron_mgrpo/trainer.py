@@ -216,9 +216,9 @@ class Trainer:
     def training_sequences(self, sequences: TrainSequences, scores, advantages: torch.Tensor, keep: torch.Tensor,
                            g: int) -> TrainSequences:
         """The policy responses the update reads, with advantages, a `trained` flag (`keep`) and,
-        with a KL anchor (a KL penalty, or drift logging), its log-probs. Scored before training: the kept ones, with
-        their old log-probs. Not scored: all of them (the flag masks the loss), so that the
-        update's forward measures the entropy of every policy response."""
+        with a KL anchor (a KL penalty's, or log.drift's), its log-probs. Scored before training:
+        the kept ones, with their old log-probs. Not scored: all of them (the flag masks the loss),
+        so that the update's forward measures the entropy of every policy response."""
         prompts, m = keep.shape
         rows = [(p, i) for p in range(prompts) for i in range(m) if scores is None or keep[p, i]]
         chosen = sequences.subset([p * g + i for p, i in rows])

@@ -52,9 +52,9 @@ def _thread_local_setters() -> list | None:
         return None
     lib = Path(torch.__file__).parent / "lib"
     gomp = sorted(lib.glob("libgomp*.so*"))
+    if not gomp:
+        return None
     try:
-        if not gomp:
-            return None
         setters = [_loaded(gomp[0]).omp_set_num_threads]
         if torch.backends.mkl.is_available():
             setters.insert(0, _loaded(lib / "libtorch_cpu.so").MKL_Set_Num_Threads_Local)
