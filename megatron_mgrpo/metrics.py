@@ -339,7 +339,9 @@ def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, kl_ce
     tiny-qwen3, 3 seeds; `alarm_replay.py` replays this rule over its runs): take the
     thresholds as a starting point elsewhere. There the 10-step KL median of the gold-label
     runs never exceeded 0.08, and that of every SRT run crossed 0.2 between steps 21 and 37
-    while its true accuracy fell. Other logged signals did not separate collapse from
+    while its true accuracy fell. A second set of runs (other warm starts, later code) tested
+    the unchanged rule: it fired on all nine label-free runs, all of which lost accuracy, and on
+    no gold-label run, whose KL medians peaked at 0.07-0.16. Other logged signals did not separate collapse from
     learning there, so the rule does not read them. Vote share and entropy move the same way
     when the policy learns (a gold-label seed halved its entropy while its accuracy rose to
     0.9), and both barely moved in the SRT seed that fell from 0.81 to 0.06 accuracy. Response

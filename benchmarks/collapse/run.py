@@ -126,14 +126,14 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
               ("entropy/mean", "policy entropy, nats/token (10-step mean)", False, False, True)]
     figure, axes = plt.subplots(2, 2, figsize=(13, 8), layout="constrained")
     for ax, (key, title, initial, relative, smoothed) in zip(axes.flat, panels):
-        for method, runs in results.items():
+        for color, (method, runs) in enumerate(results.items()):  # a method keeps its colour in every panel
             if not runs or (key == "label/accuracy" and method.startswith("gt")):
                 continue
             steps, values = curve(runs, key, initial)
             columns = [[v - c[0] if relative else v for v in c] for c in zip(*values)]
             rows = list(zip(*[smooth(c) if smoothed else c for c in columns]))
-            ax.plot(steps, [statistics.fmean(r) for r in rows], label=method)
-            ax.fill_between(steps, [min(r) for r in rows], [max(r) for r in rows], alpha=0.2)
+            ax.plot(steps, [statistics.fmean(r) for r in rows], label=method, color=f"C{color}")
+            ax.fill_between(steps, [min(r) for r in rows], [max(r) for r in rows], alpha=0.2, color=f"C{color}")
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
