@@ -21,18 +21,25 @@ import torch.distributed as dist
 
 def _masked_padding(local_logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
     """fp32 logits / T with padding columns at a very negative finite value (copies only what it must)."""
+    logits = local_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    padding = _padding_columns(logits, vocab_size)
+    if padding is not None:
+        # finite, because megatron's kernel subtracts the max; exp() of it is exactly 0
+        logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min / 2)
+    return logits
+
+
+def _padding_columns(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Which of this TP rank's logit columns are vocabulary padding; None where none are."""
     from megatron.core import parallel_state
 
     width = local_logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * width
-    logits = local_logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if start + width > vocab_size:
-        padding = torch.arange(start, start + width, device=logits.device) >= vocab_size
-        # finite, because megatron's kernel subtracts the max; exp() of it is exactly 0
-        logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min / 2)
-    return logits
+    if start + width <= vocab_size:
+        return None
+    return torch.arange(start, start + width, device=local_logits.device) >= vocab_size
 
 
 def vocab_parallel_logprobs_and_entropy(local_logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -65,12 +72,12 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, vocab_size: int, temperat
 def vocab_parallel_self_certainty(local_logits: torch.Tensor, vocab_size: int, chunk_tokens: int = 256) -> torch.Tensor:
     """Intuitor's per-token self-certainty KL(U || p) = log Z - mean_v z_v - log V, p = softmax(z),
     over the real vocabulary (at temperature 1: it scores the model, not the sampler)."""
-    from megatron.core import parallel_state
+    padding = _padding_columns(local_logits, vocab_size)
 
-    width = local_logits.shape[-1]
-    real = (torch.arange(width) + parallel_state.get_tensor_model_parallel_rank() * width) < vocab_size
-    peak, normaliser, total = _softmax_sums(local_logits, vocab_size, 1.0, chunk_tokens,
-                                            lambda logits, shifted, weights: torch.where(real, logits, 0).sum(-1))
+    def real_logit_sum(logits, shifted, weights):
+        return (logits if padding is None else logits.masked_fill(padding, 0)).sum(-1)
+
+    peak, normaliser, total = _softmax_sums(local_logits, vocab_size, 1.0, chunk_tokens, real_logit_sum)
     return (peak + normaliser.log() - total / vocab_size - math.log(vocab_size)).reshape(local_logits.shape[:-1])
 
 
