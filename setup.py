@@ -10,7 +10,9 @@ BASE = [
     "transformers>=4.51",
     "safetensors",
     "math-verify>=0.7",
-    "reasoning-gym",
+    # the builtin tasks' questions come from its generators: pinned so that the same command gives
+    # the same data everywhere (tests/unit/data/test_splits.py checks the default splits' fingerprints)
+    "reasoning-gym==0.1.25",
     "datasets",
     "pyarrow",
     "omegaconf>=2.3",

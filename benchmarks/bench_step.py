@@ -99,6 +99,7 @@ def trl_step(model_dir) -> float:
 
 def main() -> None:
     from megatron_mgrpo.config import load_config
+    from megatron_mgrpo.data.splits import build_splits
     from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
     from megatron_mgrpo.rollout.server import free_port
@@ -109,7 +110,8 @@ def main() -> None:
     cfg = load_config(overrides=COMMON)
     init_distributed(tp=1, seed=cfg.train.seed)
     try:
-        model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir())
+        model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir(),
+                               build_splits(cfg).warmstart)
         grpo, grpo_phases = ours([], model_dir)
         mgrpo, mgrpo_phases = ours(MGRPO, model_dir)
     finally:

@@ -46,8 +46,9 @@ def _add_launch_parser(commands) -> None:
                     "job the nodes, GPUs and hosts come from SLURM_* variables.")
     launch.add_argument("--config", metavar="FILE", required=True, help="YAML config file of the run")
     launch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. parallel.tp=4")
-    launch.add_argument("--nodes", type=int, help="nodes of the job (default: the Slurm allocation, else launch.nodes)")
-    launch.add_argument("--gpus-per-node", type=int,
+    launch.add_argument("--nodes", type=_positive(int),
+                        help="nodes of the job (default: the Slurm allocation, else launch.nodes)")
+    launch.add_argument("--gpus-per-node", type=_positive(int),
                         help="GPUs per node (default: the Slurm allocation, else launch.gpus_per_node)")
     launch.add_argument("--model-config", metavar="FILE",
                         help="config.json to size the model with when model.path is not a local directory "
@@ -126,7 +127,8 @@ def _add_eval_parser(commands) -> None:
                     "(the majority answer), per dataset, as a table and a JSON file.")
     evaluate.add_argument("--model", required=True, help="Hugging Face model directory, or builtin:tiny-qwen3")
     evaluate.add_argument("--data", required=True, action="append",
-                          help="jsonl / parquet file, HF datasets directory or builtin:<task>; repeat for several")
+                          help="jsonl / parquet file, HF datasets directory or builtin:<task> (its evaluation split, "
+                               "disjoint from training); repeat for several")
     evaluate.add_argument("--k", type=_positive(int), default=8, help="samples per prompt")
     evaluate.add_argument("--temperature", type=_positive(float), default=0.6, help="sampling temperature")
     evaluate.add_argument("--max-new-tokens", type=_positive(int), default=512, help="maximum response length")
@@ -134,7 +136,8 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--few-shot", type=int, default=0, help="worked examples prepended to each prompt")
     evaluate.add_argument("--extraction", default="strict", choices=("strict", "lenient"),
                           help="answer extraction, as reward.extraction")
-    evaluate.add_argument("--builtin-size", type=_positive(int), default=200, help="prompts of a builtin:<task>")
+    evaluate.add_argument("--builtin-size", type=_positive(int), default=200,
+                          help="distinct prompts of a builtin:<task>")
     evaluate.add_argument("--verify-workers", type=int, default=1, help="answer-equivalence worker processes")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling, few-shot and builtin-task seed")
     evaluate.add_argument("--out", default="eval.json", help="JSON file of the results")
@@ -254,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mgrpo.data.records import DataError
     from megatron_mgrpo.convert import ConversionError
     from megatron_mgrpo.launch import LaunchError
+    from megatron_mgrpo.train import CheckpointError
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, LaunchError, ConversionError) as err:
+    except (ConfigError, DataError, LaunchError, ConversionError, CheckpointError) as err:
         print(f"mgrpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

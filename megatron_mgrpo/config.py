@@ -102,8 +102,13 @@ class AlgoConfig:
                                choices=("k1", "k2", "k3"))
     kl_reference: str = option("initial", "KL anchor: the initial policy or the momentum model",
                                choices=("initial", "momentum"))
-    momentum: float = option(0.99, "EMA coefficient m: theta_k <- m theta_k + (1 - m) theta_q",
-                             ge=0.0, le=1.0)
+    momentum: float = option(0.99, "EMA coefficient m: theta_k <- m theta_k + (1 - m) theta_q; 1.0 freezes the "
+                                   "momentum model at the starting weights (a fixed voter)", ge=0.0, le=1.0)
+    momentum_schedule: str = option("constant", "m over training: constant, or cosine from algo.momentum at the "
+                                                "first step to algo.momentum_final at the last (1 - m follows a "
+                                                "half cosine, as in Co-rewarding-II)", choices=("constant", "cosine"))
+    momentum_final: float = option(0.99999, "m at the last step when algo.momentum_schedule=cosine "
+                                            "(Co-rewarding-II anneals 1 - m from 1e-2 to 1e-5)", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -112,6 +117,9 @@ class RewardConfig:
                                         "srt (vote over policy), ttrl (vote over a pool, train a subset), "
                                         "gt (gold answers), intuitor (self-certainty)",
                                choices=("mgrpo", "srt", "ttrl", "gt", "intuitor"))
+    vote_pool: str = option("pool", "label_source=mgrpo: whose answers vote; pool = the policy's M and the momentum "
+                                    "model's N (the paper), momentum = the momentum model's N alone (the policy "
+                                    "still trains on its own M)", choices=("pool", "momentum"))
     vote_threshold: float = option(0.0, "minimum vote share of the winning answer; below it the prompt "
                                         "gets no label and no gradient", ge=0.0, le=1.0)
     extraction: str = option("strict", "strict: last \\boxed{} only; lenient: also 'the answer is ...'",
@@ -143,8 +151,10 @@ class DataConfig:
     template: str = option("auto", "prompt template: the tokenizer's chat template, a plain one, or "
                                    "auto (chat when the tokenizer has one)", choices=("auto", "chat", "plain"))
     few_shot: int = option(0, "worked examples prepended to each prompt", ge=0)
-    builtin_size: int = option(2000, "number of prompts generated for builtin:<task>", ge=1)
-    seed: int = option(0, "seed for shuffling, few-shot choice and builtin tasks")
+    builtin_size: int = option(2000, "distinct RL questions drawn from builtin:<task> (its RL split, disjoint from "
+                                     "the warm-start and eval splits by question text)", ge=1)
+    seed: int = option(0, "seed for shuffling, few-shot choice and which questions of each builtin split are drawn "
+                          "(never which split a question is in)")
 
 
 @dataclass
@@ -172,18 +182,27 @@ class TrainConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = option(0, "supervised steps on gold answers of warmstart.task before RL (a sample drawn with "
-                           "data.seed + 1); 0 skips it. The result is cached by its settings", ge=0)
-    task: str = option("builtin:small_sums", "builtin:<task> the warm start learns from; its gold answers never "
-                                             "reach the RL prompts' rewards")
+    steps: int = option(0, "supervised steps on gold answers of warmstart.task's warm-start split before RL; "
+                           "0 skips it. The result is cached by its settings and questions", ge=0)
+    task: str = option("builtin:small_sums", "builtin:<task> the warm start learns from: only its warm-start split, "
+                                             "which shares no question with the RL and eval splits")
+    size: int = option(4000, "distinct questions of the warm-start split", ge=1)
     batch_size: int = option(64, "sequences per supervised step", ge=1)
     lr: float = option(3e-3, "peak learning rate of the supervised steps (constant after warm-up)", gt=0.0)
 
 
 @dataclass
 class EvalConfig:
-    prompts: int = option(64, "held-out prompts (data.seed + 2) scored with gold answers for true accuracy; "
-                              "monitoring only, never a reward; 0 disables it", ge=0)
+    prompts: int = option(64, "evaluation prompts scored with gold answers for true accuracy (of the policy, and "
+                              "of the momentum model when it samples); monitoring only, never a reward; 0 "
+                              "disables it", ge=0)
+    path: str = option("", "evaluation data: a jsonl / parquet file, datasets directory or builtin:<task> (its eval "
+                           "split); empty = held out of data.path (a builtin task's eval split, or "
+                           "eval.holdout_fraction of a file by question hash)")
+    holdout_fraction: float = option(0.1, "share of a data.path file held out for evaluation (by question hash) when "
+                                          "eval.path is empty", gt=0.0, lt=1.0)
+    allow_overlap: bool = option(False, "accept eval.path data that shares questions with the RL data (test-time RL "
+                                        "on purpose); the overlap is still counted in summary.json")
     interval: int = option(10, "measure true accuracy every this many steps (and at the start and end)", ge=1)
     temperature: float = option(0.0, "sampling temperature of the accuracy measurement; 0 is greedy", ge=0.0)
     samples: int = option(1, "samples per held-out prompt; true accuracy is pass@1 averaged over them", ge=1)
@@ -199,6 +218,9 @@ class LogConfig:
     drift: bool = option(True, "with algo.kl_coef=0, still log kl/mean, the KL to the initial policy (the "
                                "collapse alarm's drift signal): keeps a frozen copy of the initial weights "
                                "and runs a no-grad forward of it per step; false skips both")
+    anchor_interval: int = option(1, "label_source=mgrpo: measure the policy-momentum KL and weight distance every "
+                                     "this many steps (a no-grad momentum forward over the policy's samples); 0 "
+                                     "never", ge=0)
 
 
 @dataclass
@@ -276,9 +298,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     layers = []
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory: pass a YAML file to --config")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML file to --config")
-        loaded = OmegaConf.load(path)
+        loaded = _load_yaml(path)
         if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a list")
         layers.append((str(path), OmegaConf.to_container(loaded, resolve=True)))
@@ -293,6 +317,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, merged, prefix="")
     validate(cfg)
     return cfg
+
+
+def _load_yaml(path: Path):
+    """The parsed file; a YAML syntax error or a non-UTF-8 file becomes a one-line ConfigError saying where."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        message = f"is not valid YAML{where}: {problem}; fix the syntax there"
+    except UnicodeDecodeError as err:
+        message = f"is not UTF-8 text (byte {err.start}): save it as UTF-8"
+    raise ConfigError(f"config file {str(path)!r} {message}")  # outside `except`: no chained traceback
 
 
 def _merge(into: dict, layer: dict, origin: str) -> None:
@@ -394,6 +434,9 @@ def validate(cfg: Config) -> None:
             "rollout.weight_sync=distributed puts trainer rank 0 and the servers' GPUs in one NCCL group, which "
             "cannot hold two ranks on one GPU, as launch.placement=colocated would: set launch.placement="
             "disaggregated (servers on nodes of their own), or rollout.weight_sync=auto (disk when colocated)")
+    if cfg.reward.vote_pool == "momentum" and cfg.reward.label_source != "mgrpo":
+        raise ConfigError(f"reward.vote_pool=momentum votes with the momentum model's samples, which only "
+                          f"reward.label_source=mgrpo draws (got {cfg.reward.label_source!r}): use vote_pool=pool")
     if cfg.algo.kl_reference == "momentum" and cfg.reward.label_source != "mgrpo":
         raise ConfigError(
             f"algo.kl_reference=momentum needs the momentum model, which only "

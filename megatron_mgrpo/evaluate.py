@@ -104,11 +104,12 @@ def evaluate_records(name: str, records: Sequence[PromptRecord], engine: Rollout
 
 
 def load_eval_data(path: str, builtin_size: int, seed: int) -> list[PromptRecord]:
-    """Prompts of a dataset file / directory or `builtin:<task>`, read as training reads them."""
+    """Prompts of a dataset file / directory, or the evaluation split of `builtin:<task>`
+    (questions no training run of that task trains or warm-starts on)."""
     from megatron_mgrpo.config import DataConfig
     from megatron_mgrpo.data.datasets import load_prompts_from_config
 
-    return load_prompts_from_config(DataConfig(path=path, builtin_size=builtin_size, seed=seed)).records
+    return load_prompts_from_config(DataConfig(path=path, builtin_size=builtin_size, seed=seed), split="eval").records
 
 
 def results_table(results: Sequence[EvalResult], model: str):

@@ -9,11 +9,16 @@ Metric names are flat, slash-separated keys. The plots and the collapse alarm re
     label/accuracy         pseudo-label accuracy against gold (monitoring only)
     label/agreement        fraction of prompts where the policy-only and momentum-only votes agree
     label/share_mean       mean vote share of the winning answer
-    accuracy/true          fraction of policy responses equivalent to gold (monitoring only)
-    accuracy/eval          held-out accuracy, on the steps that evaluate
+    accuracy/true          pass@1 of the policy on the eval split (monitoring only), on the steps that evaluate
+    accuracy/true_momentum the same for the momentum model (M-GRPO)
     entropy/mean           mean over the policy responses of their mean token entropy
     iqr/drop_rate          fraction of trajectories the IQR filter dropped
     kl/mean                mean KL estimate to the reference
+    anchor/flip_rate       share of prompts whose label differs from the policy-only vote (M-GRPO)
+    anchor/kl              KL(policy || momentum) per token on the policy's samples
+    anchor/distance[_initial]  ||theta - theta_momentum|| (and ||theta - theta_0||)
+    vote/<who>_correct     share of prompts whose policy-only / momentum-only vote, or label, is gold
+    iqr/<dropped|kept>_<reward|correct>  what the IQR filter dropped and kept (monitoring)
     response/length_mean   mean response length in tokens
     time/<phase>           seconds spent in each phase of the step (PhaseTimer)
     time/step, perf/tokens_per_s
@@ -41,11 +46,13 @@ STEP_TIME, OTHER_TIME = "time/step", "time/other"
 PLOTS = (
     ("reward", "Reward", ("reward/mean",), "mean reward"),
     ("pseudo_label_accuracy", "Pseudo-label accuracy vs gold", ("label/accuracy",), "accuracy"),
-    ("true_accuracy", "True accuracy", ("accuracy/true", "accuracy/eval"), "accuracy"),
+    ("true_accuracy", "True accuracy (eval split)", ("accuracy/true", "accuracy/true_momentum"), "accuracy"),
     ("entropy", "Policy entropy", ("entropy/mean",), "nats / token"),
     ("iqr_drop_rate", "IQR filter drop rate", ("iqr/drop_rate",), "fraction dropped"),
     ("kl", "KL to reference", ("kl/mean",), "KL"),
     ("response_length", "Response length", ("response/length_mean",), "tokens"),
+    ("anchor", "Momentum anchor", ("anchor/flip_rate", "anchor/kl", "label/agreement"), "value"),
+    ("votes", "Votes equal to gold", ("vote/policy_correct", "vote/momentum_correct", "vote/label_correct"), "share"),
     ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "kl/mean", "alarm/collapse"), "value"),
 )
 
@@ -132,6 +139,10 @@ class MetricsSink:
     in `wandb_mode` (offline by default: files under <run_dir>/wandb, no network; `wandb sync`
     uploads them later), with a run id kept in the run directory so a resumed run continues
     the same wandb run.
+
+    `live` shows progress on `console` (stderr by default): on a terminal a live bar; otherwise
+    (Slurm, nohup, a pipe) one line per logged step, flushed at once, since a bar redrawn in
+    place only reaches a log file as one line when the run ends.
     """
 
     def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0, wandb_mode: str = "offline",
@@ -148,7 +159,9 @@ class MetricsSink:
         self._file = open(self.path, "a", encoding="utf-8")
         self.console = console or Console(stderr=True)
         self.timer = PhaseTimer()
-        self._progress = self._start_progress(total_steps, start_step) if live else None
+        self.total_steps = total_steps
+        self._progress = self._start_progress(total_steps, start_step) if live and self.console.is_terminal else None
+        self._step_lines = live and not self.console.is_terminal
 
     def _start_progress(self, total_steps: int, start_step: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -197,6 +210,9 @@ class MetricsSink:
             self._wandb.log(numbers, step=step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step + 1, phase="step", last=_headline(record))
+        if self._step_lines:
+            self.console.print(step_line(record, self.total_steps), markup=False, highlight=False, soft_wrap=True)
+            self.console.file.flush()
         return record
 
     def close(self) -> None:
@@ -221,12 +237,35 @@ def _headline(record: Mapping[str, Any]) -> str:
     return "  ".join(f"{label} {record[key]:.3g}" for key, label in shown if isinstance(record.get(key), (int, float)))
 
 
+def step_line(record: Mapping[str, Any], total_steps: int) -> str:
+    """One step as a log line: `step 3/40  rollout 1.2s train 0.8s (2.3s)  reward 0.41  label share 0.72
+    acc 0.55  H 0.83`, with `ALARM` when the collapse alarm fired; what was not measured is left out."""
+    phases = " ".join(f"{key.split('/', 1)[1]} {value:.1f}s" for key, value in record.items()
+                      if key.startswith("time/") and key not in (STEP_TIME, OTHER_TIME) and _is_number(value))
+    parts = [f"step {record['step'] + 1}/{total_steps}"]
+    if _is_number(record.get(STEP_TIME)):
+        parts.append(f"{phases} ({record[STEP_TIME]:.1f}s)" if phases else f"{record[STEP_TIME]:.1f}s")
+    shown = (("reward/mean", "reward"), ("label/share_mean", "label share"), ("accuracy/true", "acc"),
+             ("entropy/mean", "H"))
+    parts += [f"{label} {record[key]:.3g}" for key, label in shown if _is_number(record.get(key))]
+    if record.get("alarm/collapse"):
+        parts.append("ALARM")
+    return "  ".join(parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # --------------------------------------------------------------------------------------------
 # plots and summary
 
 
 def plot_metrics(run_dir: str | Path) -> list[Path]:
-    """PNG plots of <run_dir>/metrics.jsonl into <run_dir>/plots; returns the files written."""
+    """PNG plots of <run_dir>/metrics.jsonl into <run_dir>/plots; returns the files written.
+
+    The true accuracy starts at step 0 with the accuracy before training, from <run_dir>/summary.json
+    when there is one (the trainer measures it before the first step, which no record holds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -235,7 +274,8 @@ def plot_metrics(run_dir: str | Path) -> list[Path]:
     out_dir = Path(run_dir) / PLOTS_DIR
     out_dir.mkdir(exist_ok=True)
     written = []
-    charts = [(stem, title, _series(records, keys), ylabel, False) for stem, title, keys, ylabel in PLOTS]
+    initial = _initial_points(run_dir)
+    charts = [(stem, title, _series(records, keys, initial), ylabel, False) for stem, title, keys, ylabel in PLOTS]
     charts.append(("step_time", "Step time by phase", _series(records, _phase_keys(records)), "seconds", True))
     for stem, title, series, ylabel, stacked in charts:
         if not series:
@@ -268,12 +308,22 @@ def _phase_keys(records: list[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(sorted(k for k in common if k.startswith("time/") and k != STEP_TIME))
 
 
-def _series(records: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) points of each key that has at least one finite number."""
+def _initial_points(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """`accuracy/true` at step 0 from summary.json's `initial_true_accuracy`, if the run has one."""
+    try:
+        initial = json.loads((Path(run_dir) / "summary.json").read_text()).get("initial_true_accuracy")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {"accuracy/true": [(0, float(initial))]} if _is_number(initial) and math.isfinite(initial) else {}
+
+
+def _series(records: list[dict[str, Any]], keys: Sequence[str],
+            first: Mapping[str, list[tuple[int, float]]] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of each key that has at least one finite number, after its `first` points."""
     series = {}
     for key in keys:
-        points = [(r["step"], float(r[key])) for r in records
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        points = list((first or {}).get(key, [])) + [(r["step"], float(r[key])) for r in records
+                                                     if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if points:
             series[key] = points
     return series
@@ -287,6 +337,10 @@ def summary_table(summary: Mapping[str, Any], title: str = "Run summary"):
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in summary.items():
+        if key == "splits":  # the fingerprints and sources stay in summary.json
+            sizes, shared = value["sizes"], sum(value["overlap"].values())
+            key = "questions (rl / warm start / eval)"
+            value = f"{' / '.join(map(str, sizes.values()))}, {shared} shared"
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     return table
 

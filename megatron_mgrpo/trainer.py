@@ -6,6 +6,7 @@
        where something needs them before the loss: the IQR filter, Intuitor, several updates
        per rollout (otherwise the one on-policy update's forward provides them)
     -> extract answers, vote, rewards (the label source)
+    -> anchor diagnostics (monitoring only): KL(policy || momentum), weight distances, vote flips
     -> IQR filter over the G trajectory entropies, advantages over the kept policy responses
     -> PPO-clip / TIS / KL loss, optimizer step -> EMA update of the momentum shards
     -> weight sync to the engines -> metrics -> checkpoint
@@ -54,6 +55,7 @@ class Rewards:
 
     rewards: torch.Tensor  # [P, M]
     trainable: torch.Tensor  # [P, M] bool: the response has a reward (its prompt got a label; ttrl: a subset)
+    correct: torch.Tensor  # [P, M] 1 / 0: the answer equals gold, NaN without gold (monitoring only)
     metrics: dict[str, float]
     generated_tokens: int
 
@@ -103,7 +105,8 @@ class Trainer:
         self.grader = AnswerGrader(cfg.reward.verify_workers, cfg.reward.verify_timeout_s)
         gold = self.gold if cfg.reward.label_source == "gt" else None
         self.labels = make_label_source(cfg.reward.label_source, self.grader, threshold=cfg.reward.vote_threshold,
-                                        ttrl_train_samples=cfg.reward.ttrl_train_samples, gold=gold)
+                                        ttrl_train_samples=cfg.reward.ttrl_train_samples, gold=gold,
+                                        vote_pool=cfg.reward.vote_pool)
 
     def _engines(self, pool: str, hf_model=None) -> list:
         """The pool's engines: the servers a launcher started and named in `MGRPO_<POOL>_URLS`
@@ -173,27 +176,51 @@ class Trainer:
                 sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")
         with phase("rewards"):
             graded = _broadcast(self.rewards(batch, samples, scores) if self.rank0 else None)
-        with phase("logprobs"):
+        with phase("anchor"):  # monitoring only: how far the momentum model is from the policy
+            anchor = self.anchor_metrics(sequences, scores, len(batch)) if self.anchor_due(step) else {}
+        with phase("filter"):
             entropy = torch.tensor([h.mean() if len(h) else math.nan for h in scores.entropy]).view(len(batch), g) \
                 if scores is not None else None
-            keep = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
+            confident = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
                 else torch.ones(len(batch), m, dtype=torch.bool)
-            keep &= graded.trainable
+            keep = confident & graded.trainable
             advantages = group_advantages(graded.rewards, keep, cfg.algo.advantage_estimator)
             train_set = self.training_sequences(sequences, scores, advantages, keep, g)
         with phase("train"):
             metrics = {}
             for part in _split(len(train_set), cfg.train.updates_per_rollout):
                 metrics = self.policy.train_step(train_set.subset(part), self.objective, cfg.rollout.temperature)
-                self.policy.update_momentum()
+                momentum = self.policy.update_momentum()
         with phase("sync"):
             self.sync_weights(step + 1)
         trained_entropy = metrics.pop("entropy", math.nan)
         kl = {"kl/mean": metrics.pop("kl")} if "kl" in metrics else {}
-        return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl,
+        return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl, **anchor,
                 "entropy/mean": float(entropy[:, :m].nanmean()) if scores is not None else trained_entropy,
                 "iqr/drop_rate": float(1 - keep.float().mean()), "iqr/kept": int(keep.sum()),
+                **_filter_metrics(graded, confident), **({"momentum/m": momentum} if self.n else {}),
                 "generated_tokens": graded.generated_tokens}
+
+    def anchor_due(self, step: int) -> bool:
+        interval = self.cfg.log.anchor_interval
+        return bool(self.n and interval and step % interval == 0)
+
+    def anchor_metrics(self, sequences: TrainSequences, scores, prompts: int) -> dict[str, float]:
+        """KL(policy || momentum) per token on the policy's own samples (k3, at the sampling
+        temperature), and ||theta - theta_momentum|| beside ||theta - theta_0||: is the anchor near
+        the policy, or far behind it? Both before this step's update; monitoring only."""
+        g, temperature = self.m + self.n, self.cfg.rollout.temperature
+        rows = [p * g + i for p in range(prompts) for i in range(self.m)]
+        own = sequences.subset(rows)
+        policy_logp = [scores.logprobs[r] for r in rows] if scores is not None else \
+            self.policy.score(own, temperature).logprobs
+        momentum_logp = self.policy.score(own, temperature, weights="momentum").logprobs
+        kl = torch.cat([kl_penalty(lp, mp, "k3") for lp, mp in zip(policy_logp, momentum_logp)])
+        metrics = {"anchor/kl": float(kl.mean()) if len(kl) else math.nan,
+                   "anchor/distance": self.policy.weight_distance("momentum")}
+        if self.policy.reference is not None:
+            metrics["anchor/distance_initial"] = self.policy.weight_distance("reference")
+        return metrics
 
     def objective(self, batch: MicroBatch, logp: torch.Tensor):
         """PPO-clip surrogate with truncated IS against the engine, plus the KL penalty, over the
@@ -269,8 +296,19 @@ class Trainer:
             rewards[p, :len(result.rewards)] = torch.tensor(result.rewards)
             trainable[p, :len(result.rewards)] = result.trained
         flat = [s for group in samples for s in group]
-        metrics = self.label_metrics(groups, results, flat, [self.prompts[i].id for i in batch])
-        return Rewards(rewards, trainable, metrics, sum(len(s.response_ids) for s in flat))
+        prompt_ids = [self.prompts[i].id for i in batch]
+        metrics = self.label_metrics(groups, results, flat, prompt_ids)
+        return Rewards(rewards, trainable, self.gold_correct(groups, prompt_ids), metrics,
+                       sum(len(s.response_ids) for s in flat))
+
+    def gold_correct(self, groups, prompt_ids: list[str]) -> torch.Tensor:
+        """[P, M]: whether each policy answer equals gold (NaN where the prompt has none). Monitoring only."""
+        correct = torch.full((len(groups), self.m), math.nan)
+        pools = [[self.gold.get(pid)] + g.policy_answers for g, pid in zip(groups, prompt_ids)]
+        for p, (pool, classes) in enumerate(zip(pools, self.grader.group_many(pools))):
+            if pool[0] is not None:
+                correct[p] = torch.tensor([float(classes[0] is not None and c == classes[0]) for c in classes[1:]])
+        return correct
 
     def label_metrics(self, groups, results, samples: list[Sample], prompt_ids: list[str]) -> dict[str, float]:
         """Label-free health signals, plus pseudo-label accuracy against gold (monitoring only)."""
@@ -284,22 +322,34 @@ class Trainer:
         accuracy = pseudo_label_accuracy(results, prompt_ids, self.gold, self.grader)
         if accuracy is not None:
             metrics["label/accuracy"] = accuracy
-        if self.n:  # does the policy's own vote still agree with the momentum model's?
-            pairs = [[vote(g.policy_answers, self.grader).label, vote(g.momentum_answers, self.grader).label]
-                     for g in groups]
-            classes = self.grader.group_many(pairs)
-            metrics["label/agreement"] = sum(c[0] is not None and c[0] == c[1] for c in classes) / len(classes)
+        if self.n:
+            metrics |= self.vote_metrics(groups, results, prompt_ids)
         return metrics
 
-    def true_accuracy(self) -> float | None:
-        """pass@1 of the current policy on held-out prompts, averaged over `eval.samples` samples
-        each and graded against gold (rank 0; monitoring only)."""
+    def vote_metrics(self, groups, results, prompt_ids: list[str]) -> dict[str, float]:
+        """What the momentum model's votes do (monitoring only): does the policy's own vote agree
+        with the momentum model's, how often the label differs from the policy-only vote (flip
+        rate), and how often each vote (policy alone, momentum alone, the label) equals gold."""
+        rows = [[self.gold.get(pid), r.label, vote(g.policy_answers, self.grader).label,
+                 vote(g.momentum_answers, self.grader).label] for g, r, pid in zip(groups, results, prompt_ids)]
+        classes = self.grader.group_many(rows)
+        metrics = {"label/agreement": _share([c[2] is not None and c[2] == c[3] for c in classes]),
+                   "anchor/flip_rate": _share([c[1] != c[2] for c in classes])}
+        graded = [c for row, c in zip(rows, classes) if row[0] is not None]
+        for name, column in (("label", 1), ("policy", 2), ("momentum", 3)):
+            if graded:
+                metrics[f"vote/{name}_correct"] = _share([c[column] is not None and c[column] == c[0] for c in graded])
+        return metrics
+
+    def true_accuracy(self, pool: str = "policy") -> float | None:
+        """pass@1 of the current policy (or momentum model) on the evaluation prompts, averaged over
+        `eval.samples` samples each and graded against gold (rank 0; monitoring only)."""
         if not self.eval_prompts:
             return None
         e = self.cfg.eval
         sampling = SamplingParams(temperature=e.temperature or 1.0, top_k=-1 if e.temperature else 1,
                                   max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.train.seed)
-        samples = self.pools.policy.generate(self.eval_ids, e.samples, sampling)
+        samples = getattr(self.pools, pool).generate(self.eval_ids, e.samples, sampling)
         pairs = [[r.gold_answer] + [extract_answer(s.text, self.cfg.reward.extraction) for s in group]
                  for group, r in zip(samples, self.eval_prompts)]
         classes = self.grader.group_many(pairs)
@@ -349,6 +399,23 @@ def _this_host_names() -> frozenset[str]:
     return frozenset(("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()))
 
 
+def _filter_metrics(graded: Rewards, confident: torch.Tensor) -> dict[str, float]:
+    """What the IQR filter dropped, against what it kept, among the responses that had a reward:
+    their mean reward and gold correctness (monitoring: does it drop confident correct answers?)."""
+    dropped, kept = ~confident & graded.trainable, confident & graded.trainable
+    metrics = {"iqr/dropped": int(dropped.sum())}
+    for name, mask in (("dropped", dropped), ("kept", kept)):
+        if mask.any():
+            metrics[f"iqr/{name}_reward"] = float(graded.rewards[mask].mean())
+            if not graded.correct[mask].isnan().all():
+                metrics[f"iqr/{name}_correct"] = float(graded.correct[mask].nanmean())
+    return metrics
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
 def _split(count: int, parts: int) -> list[list[int]]:
     """`range(count)` in `parts` contiguous chunks (mini-batches of one rollout batch)."""
     bounds = [round(i * count / parts) for i in range(parts + 1)]
@@ -367,25 +434,14 @@ def _broadcast(value):
 # ---------------------------------------------------------------------------------- the run
 
 
-def held_out_prompts(cfg: Config) -> list[PromptRecord]:
-    """Prompts for true accuracy: a separate sample of a builtin task (data.seed + 2), or the first
-    `eval.prompts` rows with gold answers of a dataset file."""
-    from megatron_mgrpo.data.datasets import load_prompts_from_config
-
-    if cfg.eval.prompts == 0:
-        return []
-    data = dataclasses.replace(cfg.data, seed=cfg.data.seed + 2) if cfg.data.path.startswith("builtin:") else cfg.data
-    return [r for r in load_prompts_from_config(data).records if r.gold_answer is not None][:cfg.eval.prompts]
-
-
 def train(cfg: Config, run_dir: Path, console=None) -> dict:
     """Run M-GRPO (or a baseline) as `cfg` says, into `run_dir`; resumes from its newest complete
     checkpoint. Returns the summary (on every rank)."""
     from megatron_mgrpo import metrics as metrics_lib
-    from megatron_mgrpo.data.datasets import load_prompts_from_config
+    from megatron_mgrpo.data.splits import build_splits
     from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
-    from megatron_mgrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_mgrpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
     from megatron_mgrpo.warmstart import warm_start
 
     started = time.perf_counter()
@@ -401,16 +457,23 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
         # rank 0 writes a builtin model (transformers' save_pretrained writes weights only on rank 0
         # of an initialised process group, so other ranks would publish a directory without them)
         model_dir = _broadcast(resolve_model_path(cfg.model.path) if rank0 else None)
+        splits = build_splits(cfg)  # before any expensive work: bad or overlapping data stops here
+        split_report = splits.report()
+        if rank0:
+            (run_dir / "splits.json").write_text(json.dumps(split_report, indent=2) + "\n")
+            say("data: " + ", ".join(f"{name} {size} ({split_report['sources'][name]})"
+                                     for name, size in split_report["sizes"].items() if size))
         if cfg.warmstart.steps:
-            model_dir = warm_start(cfg, model_dir, default_cache_dir(), progress=say)
-        trainer = Trainer(cfg, run_dir, model_dir, load_prompts_from_config(cfg.data).records, held_out_prompts(cfg))
+            model_dir = warm_start(cfg, model_dir, default_cache_dir(), splits.warmstart, progress=say)
+        trainer = Trainer(cfg, run_dir, model_dir, splits.rl, splits.eval)
         policy, start, state = trainer.policy, 0, {}
-        checkpoint = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-        if checkpoint is not None:
-            loaded = load_checkpoint(checkpoint, [policy.model], optimizer=policy.optimizer,
-                                     scheduler=policy.scheduler, momentum=policy.momentum.state_dict())
+        loaded = load_latest_checkpoint(run_dir, [policy.model], optimizer=policy.optimizer,
+                                        scheduler=policy.scheduler, momentum=policy.momentum.state_dict(),
+                                        say=say) if cfg.checkpoint.resume else None
+        if loaded is not None:
             start, state = loaded.step, loaded.common
-            say(f"resumed from {checkpoint} (step {start})")
+            say(f"resumed from {loaded.path} (step {start})")
+        earlier_seconds = state.get("wall_seconds", 0.0)  # of the processes before this one, up to the checkpoint
         trainer.sync_weights(start)  # also servers a launcher started from model.path get the weights we start from
         state["momentum_shard_mib"] = round(policy.momentum.nbytes / 2**20, 2)  # rank 0's fp32 EMA shards
         if rank0:
@@ -430,10 +493,13 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
                 if (step + 1) % cfg.eval.interval == 0 or last:
                     with phase("eval"):
                         record["accuracy/true"] = trainer.true_accuracy()
+                        if trainer.n:
+                            record["accuracy/true_momentum"] = trainer.true_accuracy("momentum")
                 alarm = metrics_lib.collapse_alarm([*sink.history, record])
                 record["alarm/collapse"] = float(alarm.alarm)
                 sink.log(step, record, tokens=record["generated_tokens"])
             if (step + 1) % cfg.checkpoint.interval == 0 or last:
+                state["wall_seconds"] = earlier_seconds + time.perf_counter() - started
                 state = _broadcast(state)
                 save_checkpoint(run_dir, step + 1, [policy.model], optimizer=policy.optimizer,
                                 scheduler=policy.scheduler, momentum=policy.momentum.state_dict(), common=state,
@@ -447,7 +513,8 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             history = sink.history
             sink.close()
             sink = None
-            summary = summarize(cfg, run_dir, state, history, time.perf_counter() - started)
+            summary = summarize(cfg, run_dir, state, history, earlier_seconds + time.perf_counter() - started,
+                                split_report)
             metrics_lib.plot_metrics(run_dir)
             metrics_lib.print_summary(summary, console)
         return _broadcast(summary)
@@ -492,16 +559,19 @@ def export_hf(trainer: Trainer, out: Path) -> None:
             trainer.tokenizer.save_pretrained(out / which)
 
 
-def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall_seconds: float) -> dict:
+def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall_seconds: float,
+              splits: dict) -> dict:
     accuracies = [r["accuracy/true"] for r in history if r.get("accuracy/true") is not None]
+    momentum = [r["accuracy/true_momentum"] for r in history if r.get("accuracy/true_momentum") is not None]
     alarmed = [r["step"] for r in history if r.get("alarm/collapse")]
     summary = {"label_source": cfg.reward.label_source, "steps": len(history),
                "initial_true_accuracy": state.get("initial_true_accuracy"),
                "final_true_accuracy": accuracies[-1] if accuracies else None,
                "best_true_accuracy": max(accuracies) if accuracies else None,
+               "final_momentum_true_accuracy": momentum[-1] if momentum else None,
                "final_reward": history[-1].get("reward/mean") if history else None,
                "collapse_alarm": bool(alarmed), "collapse_alarm_first_step": alarmed[0] if alarmed else None,
                "momentum_shard_mib": state.get("momentum_shard_mib"),
-               "wall_seconds": round(wall_seconds, 1)}
+               "wall_seconds": round(wall_seconds, 1), "splits": splits}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

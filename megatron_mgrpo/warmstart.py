@@ -2,10 +2,12 @@
 
 Label-free RL needs a policy that already gets some answers right: a vote over random strings
 labels nothing. The embedded default therefore first trains the tiny model with Megatron (the
-same `MegatronPolicy` and optimizer as RL, with a next-token objective) on gold answers of a
-*separate* sample of a builtin task (`warmstart.task`, drawn with data.seed + 1; never the RL
-dataset, whose gold answers must not shape the policy), then saves it as an HF directory. The
-result is cached under a digest of everything that shapes it, so later runs skip it.
+same `MegatronPolicy` and optimizer as RL, with a next-token objective) on gold answers of the
+warm-start split of a builtin task (`data.splits`: no question of it is an RL or evaluation
+question, whatever the seeds), then saves it as an HF directory. It must learn the task, not
+memorise its questions: its accuracy on the evaluation split is the run's initial true accuracy.
+The result is cached under a digest of everything that shapes it (its questions included), so
+later runs skip it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from megatron_mgrpo.config import Config, ConfigError
 from megatron_mgrpo.data.records import PromptRecord
+from megatron_mgrpo.data.splits import fingerprint
 from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
 
 
@@ -45,29 +48,33 @@ def sft_sequences(records: list[PromptRecord], template) -> TrainSequences:
     return TrainSequences(tokens, prompts)
 
 
-def cache_key(cfg: Config, model_dir: Path) -> str:
+def cache_key(cfg: Config, model_dir: Path, records: list[PromptRecord]) -> str:
     settings = {"model": model_dir.name, "warmstart": dataclasses.asdict(cfg.warmstart),
-                "data": [cfg.data.builtin_size, cfg.data.seed, cfg.data.template, cfg.data.few_shot],
+                "data": [fingerprint(records), cfg.data.seed, cfg.data.template, cfg.data.few_shot],
                 "seed": cfg.train.seed, "tokens": cfg.train.micro_batch_tokens}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -> Path:
-    """The warm-started HF directory for `model_dir` (trained now, or from the cache).
+def warm_start(cfg: Config, model_dir: Path, cache_root: Path, records: list[PromptRecord],
+               progress=print) -> Path:
+    """The warm-started HF directory for `model_dir`, trained on `records` (the warm-start split),
+    now or earlier (the cache).
 
     Runs inside an initialised distributed job (any TP / PP / DP); rank 0 writes the directory.
     """
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_mgrpo.data.datasets import load_prompts_from_config
     from megatron_mgrpo.data.templates import PromptTemplate
     from megatron_mgrpo.models.builtin import save_hf_directory
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.models.weight_map import load_checkpoint_tensors
     from megatron_mgrpo.train.policy import MegatronPolicy
 
-    target = cache_root / "warmstart" / f"{model_dir.name}-{cache_key(cfg, model_dir)}"
+    if not records:
+        raise ConfigError("warmstart.steps > 0 needs the warm-start split's questions: build them with "
+                          "data.splits.build_splits")
+    target = cache_root / "warmstart" / f"{model_dir.name}-{cache_key(cfg, model_dir, records)}"
     if target.is_dir():
         return target
     settings = cfg.warmstart
@@ -77,10 +84,6 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, progress=print) -
         routing_replay=False))  # supervised sequences come from no engine: the router routes freely
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if not settings.task.startswith("builtin:"):
-        raise ConfigError(f"warmstart.task={settings.task!r} must be a builtin:<task>: the warm start trains on "
-                         f"gold answers, so it never reads the RL dataset")
-    records = load_prompts_from_config(dataclasses.replace(cfg.data, path=settings.task, seed=cfg.data.seed + 1)).records
     template = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed)
     policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp), hf_model.state_dict(),
                             sft_cfg, momentum=False, pad_id=tokenizer.pad_token_id)

@@ -25,7 +25,6 @@ from pathlib import Path
 from megatron_mgrpo.metrics import collapse_alarm, read_metrics
 
 RUNS = Path(__file__).resolve().parent / "runs"
-METHODS = ("srt", "mgrpo", "mgrpo-no-iqr", "gt", "srt-kl0", "gt-kl0")
 
 
 def replay(records: list[dict]) -> tuple[int | None, str, int]:
@@ -60,7 +59,7 @@ def row(run_dir: Path) -> str:
 
 def main() -> None:
     runs = sorted((d for d in RUNS.glob("*-s*") if (d / "summary.json").exists()),
-                  key=lambda d: (METHODS.index(d.name.rsplit("-s", 1)[0]), d.name))
+                  key=lambda d: (d.name.rsplit("-s", 1)[0], int(d.name.rsplit("-s", 1)[1])))
     if not runs:
         raise SystemExit(f"no finished runs under {RUNS}: run benchmarks/collapse/run.py first")
     print("| run | alarm first fires (step) | first signal | true acc. by then | steps raised | "

@@ -1,16 +1,17 @@
-"""The collapse experiment: SRT vs M-GRPO vs M-GRPO without IQR vs gold-label GRPO, long horizon.
+"""The collapse study: when does M-GRPO hold where self-rewarding (SRT) collapses?
 
-Self-rewarding RL (a majority vote over the policy's own answers as the reward) can reinforce its
-own mistakes until its answers agree and are wrong. This runs the four methods on the tiny
-built-in task at a learning rate high enough for that to happen, several seeds each (SRT and
-gold labels also without the KL penalty, for the collapse alarm's drift signal), and writes
-`collapse.png` and `RESULTS.md` next to this file. Runs go to `runs/<method>-s<seed>` as
-subprocesses, at most `--jobs` at a time; a run whose summary.json exists is not run again, so an
-interrupted experiment resumes where it stopped.
+Every run trains the tiny built-in model on the small_sums task from its seed's warm start, with
+[`config.yaml`](config.yaml) plus one variant's overrides and `train.seed`. Training, warm-start and
+evaluation questions are disjoint splits (checked by question text, recorded in each summary.json).
+Variants are chosen on the selection seeds 0-4; the chosen M-GRPO variant, SRT and gold labels are
+then confirmed on seeds 5-9, which played no part in the choice. Runs go to `runs/<variant>-s<seed>`
+as subprocesses, `--jobs` at a time; a finished run is not run again, so an interrupted study
+resumes where it stopped. Writes `RESULTS.md` (tables, paired differences, diagnostics) and the plots
+`accuracy.png` and `anchor.png` next to this file.
 
-    python benchmarks/collapse/run.py [--seeds 1 2 3] [--jobs 2] [--report-only]
-
-The settings are in `config.yaml` (the CPU preset, frozen, with the experiment's changes).
+    python benchmarks/collapse/run.py select      # seeds 0-4, every variant
+    python benchmarks/collapse/run.py confirm     # seeds 5-9: srt, gt and the chosen variant
+    python benchmarks/collapse/run.py report      # tables and plots from what has finished
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -40,46 +41,48 @@ HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
 CONFIG = HERE / "config.yaml"
 NOTES_MARKER = "<!-- notes: kept when the script rewrites this file -->"
+SELECTION_SEEDS, CONFIRMATION_SEEDS = list(range(5)), list(range(5, 10))
+LOW_LR = "train.lr=0.00003"
 
-# method name -> the overrides that select it (everything else is shared)
-METHODS = {
+# variant -> the overrides that select it (everything else is config.yaml)
+VARIANTS = {
     "srt": ["reward.label_source=srt"],
-    "mgrpo": ["reward.label_source=mgrpo"],
-    "mgrpo-no-iqr": ["reward.label_source=mgrpo", "algo.iqr_filter=false"],
     "gt": ["reward.label_source=gt"],
-    # without the KL penalty (its drift is still logged, log.drift): does the alarm still tell them apart?
-    "srt-kl0": ["reward.label_source=srt", "algo.kl_coef=0"],
-    "gt-kl0": ["reward.label_source=gt", "algo.kl_coef=0"],
+    "mgrpo": ["reward.label_source=mgrpo"],  # N/G = 4/16, m = 0.99: the paper's ratio and momentum
+    "mgrpo-no-iqr": ["reward.label_source=mgrpo", "algo.iqr_filter=false"],
+    "mgrpo-n8": ["reward.label_source=mgrpo", "rollout.momentum_samples=8"],  # N/G = 0.5
+    "mgrpo-m999": ["reward.label_source=mgrpo", "algo.momentum=0.999"],
+    "mgrpo-cosine": ["reward.label_source=mgrpo", "algo.momentum_schedule=cosine", "algo.momentum_final=0.99999"],
+    "mgrpo-momvote": ["reward.label_source=mgrpo", "reward.vote_pool=momentum"],
+    "srt-lowlr": ["reward.label_source=srt", LOW_LR],
+    "mgrpo-lowlr": ["reward.label_source=mgrpo", LOW_LR],
 }
+COLLAPSED, HELD = 0.10, 0.02  # final <= best - 10 points: collapsed; final >= best - 2 points: held
 
 
-def command(method: str, seed: int) -> list[str]:
-    """The training command of one run; a seed is train.seed (it also seeds the warm start)."""
+def command(variant: str, seed: int) -> list[str]:
     return [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--config", str(CONFIG),
-            "--out", str(RUNS / f"{method}-s{seed}"), *METHODS[method], f"train.seed={seed}"]
+            "--out", str(RUNS / f"{variant}-s{seed}"), *VARIANTS[variant], f"train.seed={seed}"]
 
 
-def run_one(method: str, seed: int, threads: int) -> str:
-    """Train one (method, seed) on `threads` intra-op threads unless it already finished; its
-    console output goes to train.log."""
-    out = RUNS / f"{method}-s{seed}"
+def run_one(variant: str, seed: int, threads: int) -> str:
+    """Train one (variant, seed) unless it already finished; its console output goes to train.log."""
+    out = RUNS / f"{variant}-s{seed}"
     if (out / "summary.json").exists():
         return f"{out.name}: done before, skipped"
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(out / "train.log", "w") as log:
-        rc = subprocess.run(command(method, seed), stdout=log, stderr=subprocess.STDOUT,
+        rc = subprocess.run(command(variant, seed), stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
     return f"{out.name}: exit {rc} after {time.time() - started:.0f} s"
 
 
-def run_all(args) -> None:
-    """All runs, `--jobs` at a time, sharing the cores (more OpenMP threads than cores would make
-    every run wait on the others'). Method by method, so that the runs of a seed, which share its
-    cached warm start, do not start together and each compute it."""
-    jobs = [(method, seed) for method in METHODS for seed in args.seeds]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
+def run_all(jobs: list[tuple[str, int]], workers: int) -> None:
+    """Seed by seed, so that a seed's warm start is computed by its first run and cached for the
+    rest; `workers` runs at a time, sharing the cores."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ThreadPoolExecutor(workers) as pool:
         for message in pool.map(lambda job: run_one(*job, threads), jobs):
             print(message, flush=True)
 
@@ -87,22 +90,116 @@ def run_all(args) -> None:
 # ------------------------------------------------------------------------------------ results
 
 
-def load(method: str, seeds: list[int]) -> list[dict]:
-    """The finished runs of a method: summary plus metric records."""
-    runs = []
+def load(variant: str, seeds: list[int]) -> dict[int, dict]:
+    """seed -> summary and metric records of the finished runs of a variant."""
+    runs = {}
     for seed in seeds:
-        out = RUNS / f"{method}-s{seed}"
+        out = RUNS / f"{variant}-s{seed}"
         if (out / "summary.json").exists():
-            runs.append({"seed": seed, "summary": json.loads((out / "summary.json").read_text()),
-                         "records": read_metrics(out)})
+            runs[seed] = {"summary": json.loads((out / "summary.json").read_text()), "records": read_metrics(out)}
     return runs
 
 
-def curve(runs: list[dict], key: str, initial: bool = False) -> tuple[list[int], list[list[float]]]:
-    """Steps where every run logged `key`, and the values of each run there. With `initial`, the
-    accuracy measured before the first step is put at step 0."""
+def mean_se(values: list[float], signed: bool = False) -> str:
+    """mean +- standard error over seeds."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    f = "+.3f" if signed else ".3f"
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return f"{statistics.fmean(values):{f}} ± {se:.3f}"
+
+
+def tail_mean(run: dict, key: str, steps: int = 20) -> float:
+    values = [r[key] for r in run["records"][-steps:] if isinstance(r.get(key), (int, float))]
+    return statistics.fmean(values) if values else math.nan
+
+
+def whole_mean(run: dict, key: str) -> float:
+    values = [r[key] for r in run["records"] if isinstance(r.get(key), (int, float))]
+    return statistics.fmean(values) if values else math.nan
+
+
+def best(summary: dict) -> float:
+    """The best true accuracy of a run, the warm start's included (a run that only falls from its
+    start has its best at step 0)."""
+    return max(summary["initial_true_accuracy"], summary["best_true_accuracy"])
+
+
+def accuracy_row(variant: str, runs: dict[int, dict]) -> str:
+    s = {seed: run["summary"] for seed, run in runs.items()}
+    drop = [x["final_true_accuracy"] - best(x) for x in s.values()]
+    collapsed = sum(d <= -COLLAPSED for d in drop)
+    held = sum(d >= -HELD for d in drop)
+    alarms = sum(replay(run["records"])[0] is not None for run in runs.values())
+    return (f"| {variant} | {len(runs)} | {mean_se([x['initial_true_accuracy'] for x in s.values()])} | "
+            f"{mean_se([best(x) for x in s.values()])} | "
+            f"{mean_se([x['final_true_accuracy'] for x in s.values()])} | {mean_se(drop, True)} | "
+            f"{mean_se([x['final_true_accuracy'] - x['initial_true_accuracy'] for x in s.values()], True)} | "
+            f"{collapsed} / {held} | {alarms} |")
+
+
+def accuracy_table(results: dict[str, dict[int, dict]]) -> list[str]:
+    return ["| variant | seeds | initial (warm start) | best (initial included) | final | final - best | "
+            "final - initial | collapsed / held | alarm fired |", "|" + " --- |" * 9,
+            *[accuracy_row(v, runs) for v, runs in results.items() if runs]]
+
+
+def paired_table(results: dict[str, dict[int, dict]], baseline: str = "srt") -> list[str]:
+    """Per variant: final accuracy minus the baseline's, seed by seed (same warm start)."""
+    lines = [f"| variant | seeds paired with {baseline} | final - {baseline}'s final, per seed | mean ± s.e. | "
+             f"variant better in |", "| --- | --- | --- | --- | --- |"]
+    base = results.get(baseline, {})
+    for variant, runs in results.items():
+        if variant == baseline or not runs:
+            continue
+        seeds = sorted(set(runs) & set(base))
+        diffs = [runs[s]["summary"]["final_true_accuracy"] - base[s]["summary"]["final_true_accuracy"] for s in seeds]
+        lines.append(f"| {variant} | {len(seeds)} | {' '.join(f'{d:+.3f}' for d in diffs)} | {mean_se(diffs, True)} | "
+                     f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+    return lines
+
+
+def diagnostics_table(results: dict[str, dict[int, dict]]) -> list[str]:
+    """The anchor and filter diagnostics, means over each run's steps (then mean ± s.e. over seeds)."""
+    columns = [("anchor/flip_rate", "flip rate", whole_mean), ("label/agreement", "policy-momentum vote agreement",
+                                                                  whole_mean),
+               ("vote/policy_correct", "policy vote = gold", whole_mean),
+               ("vote/momentum_correct", "momentum vote = gold", whole_mean),
+               ("vote/label_correct", "label = gold", whole_mean),
+               ("anchor/kl", "KL(policy ‖ momentum), last 20 steps", tail_mean),
+               ("distance_ratio", "‖θ-θ_m‖ / ‖θ-θ_0‖, last 20 steps", tail_mean),
+               ("iqr/dropped_correct", "dropped: correct", whole_mean),
+               ("iqr/kept_correct", "kept: correct", whole_mean),
+               ("iqr/dropped_reward", "dropped: reward", whole_mean), ("iqr/kept_reward", "kept: reward", whole_mean),
+               ("final_momentum_true_accuracy", "momentum model's final acc.", None)]
+    lines = ["| variant | " + " | ".join(title for _, title, _ in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    for variant, runs in results.items():
+        if not runs or not variant.startswith("mgrpo"):
+            continue
+        cells = []
+        for key, _, reduce in columns:
+            if reduce is None:
+                values = [run["summary"].get(key) for run in runs.values()]
+            else:
+                values = [reduce(run, key) for run in runs.values()]
+            cells.append(mean_se(values))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def with_distance_ratio(runs: dict[int, dict]) -> None:
+    for run in runs.values():
+        for r in run["records"]:
+            if r.get("anchor/distance_initial"):
+                r["distance_ratio"] = r["anchor/distance"] / r["anchor/distance_initial"]
+
+
+def curve(runs: dict[int, dict], key: str, initial: bool = False) -> tuple[list[int], list[list[float]]]:
+    """Steps where every run logged `key`, and each run's value there (step 0: the warm start)."""
     per_run = []
-    for run in runs:
+    for run in runs.values():
         points = {r["step"] + 1: r[key] for r in run["records"] if isinstance(r.get(key), (int, float))}
         if initial:
             points[0] = run["summary"]["initial_true_accuracy"]
@@ -112,69 +209,50 @@ def curve(runs: list[dict], key: str, initial: bool = False) -> tuple[list[int],
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing mean: per-step training signals are noisy with 8 prompts a step."""
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
-    """True accuracy (absolute, and relative to each seed's warm start, which differs by seed),
-    pseudo-label accuracy and entropy vs step: mean over seeds with a min-max band."""
-    # (key, title, step 0 = initial accuracy, minus the seed's initial accuracy, smoothed)
-    panels = [("accuracy/true", "true accuracy (held-out pass@1)", True, False, False),
-              ("accuracy/true", "true accuracy minus the seed's initial accuracy", True, True, False),
-              ("label/accuracy", "pseudo-label accuracy vs gold (10-step mean)", False, False, True),
-              ("entropy/mean", "policy entropy, nats/token (10-step mean)", False, False, True)]
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8), layout="constrained")
-    for ax, (key, title, initial, relative, smoothed) in zip(axes.flat, panels):
-        for color, (method, runs) in enumerate(results.items()):  # a method keeps its colour in every panel
-            if not runs or (key == "label/accuracy" and method.startswith("gt")):
-                continue
-            steps, values = curve(runs, key, initial)
-            columns = [[v - c[0] if relative else v for v in c] for c in zip(*values)]
-            rows = list(zip(*[smooth(c) if smoothed else c for c in columns]))
-            ax.plot(steps, [statistics.fmean(r) for r in rows], label=method, color=f"C{color}")
-            ax.fill_between(steps, [min(r) for r in rows], [max(r) for r in rows], alpha=0.2, color=f"C{color}")
+def band_plot(ax, runs: dict[int, dict], key: str, label: str, color: str, initial=False, relative=False,
+              smoothed=False) -> None:
+    """Mean over seeds with a +- one standard error band."""
+    steps, values = curve(runs, key, initial)
+    if not steps:
+        return
+    columns = [[v - c[0] if relative else v for v in c] for c in zip(*values)]  # per run
+    rows = list(zip(*[smooth(c) if smoothed else c for c in columns]))  # per step
+    means = [statistics.fmean(r) for r in rows]
+    ses = [statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else 0.0 for r in rows]
+    ax.plot(steps, means, label=label, color=color)
+    ax.fill_between(steps, [m - e for m, e in zip(means, ses)], [m + e for m, e in zip(means, ses)], alpha=0.2,
+                    color=color)
+
+
+def plot(results: dict[str, dict[int, dict]], seeds_label: str, path_accuracy: Path, path_anchor: Path) -> None:
+    colors = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5), layout="constrained")
+    for variant, runs in results.items():
+        if runs:
+            band_plot(axes[0], runs, "accuracy/true", variant, colors[variant], initial=True)
+            band_plot(axes[1], runs, "accuracy/true", variant, colors[variant], initial=True, relative=True)
+    axes[0].set(title=f"true accuracy (eval split pass@1), mean ± s.e., {seeds_label}", xlabel="step")
+    axes[1].set(title="true accuracy minus the seed's warm start", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.savefig(path_accuracy, dpi=90)
+    figure, axes = plt.subplots(2, 2, figsize=(14, 8), layout="constrained")
+    panels = [("anchor/flip_rate", "label flip rate (label != policy-only vote), 10-step mean"),
+              ("anchor/kl", "KL(policy ‖ momentum) per token on policy samples, 10-step mean"),
+              ("distance_ratio", "‖θ - θ_momentum‖ / ‖θ - θ_0‖, 10-step mean"),
+              ("accuracy/true_momentum", "momentum model's true accuracy")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        for variant, runs in results.items():
+            if runs and variant.startswith("mgrpo"):
+                band_plot(ax, runs, key, variant, colors[variant], smoothed=key != "accuracy/true_momentum")
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend()
-    figure.savefig(path, dpi=100)
-
-
-def spread(values: list[float], signed: bool = False) -> str:
-    """mean (min to max) over seeds."""
-    if not values:
-        return "-"
-    f = "+.3f" if signed else ".3f"
-    return f"{statistics.fmean(values):{f}} ({min(values):{f}} to {max(values):{f}})"
-
-
-def table(results: dict[str, list[dict]]) -> list[str]:
-    """One row per method: accuracies as mean (min to max) over seeds."""
-    return ["| method | seeds | initial acc. | best acc. during RL | final acc. | final - initial | final pseudo-label acc. | "
-            "final vote share | final entropy | alarm fired (runs; first step) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *[row(method, runs) for method, runs in results.items()]]
-
-
-def row(method: str, runs: list[dict]) -> str:
-    """Accuracies from summary.json; label-free signals averaged over each run's last 10 steps,
-    since one step's 8 prompts make them noisy."""
-    summaries = [r["summary"] for r in runs]
-
-    def accuracy(key):
-        return spread([s[key] for s in summaries])
-
-    def final(key):
-        tails = [[x[key] for x in r["records"][-10:] if isinstance(x.get(key), (int, float))] for r in runs]
-        return spread([statistics.fmean(t) for t in tails if t])
-
-    change = spread([s["final_true_accuracy"] - s["initial_true_accuracy"] for s in summaries], signed=True)
-    labels = "gold | gold" if method.startswith("gt") else f"{final('label/accuracy')} | {final('label/share_mean')}"
-    firsts = [replay(r["records"])[0] for r in runs]  # today's rule, also over runs recorded before it changed
-    fired = [step for step in firsts if step is not None]
-    return (f"| {method} | {len(runs)} | {accuracy('initial_true_accuracy')} | {accuracy('best_true_accuracy')} | "
-            f"{accuracy('final_true_accuracy')} | {change} | {labels} | {final('entropy/mean')} | "
-            f"{len(fired)}/{len(runs)}; {', '.join(map(str, fired)) or '-'} |")
+    axes[0, 0].legend(fontsize=8)
+    figure.savefig(path_anchor, dpi=90)
 
 
 def machine() -> str:
@@ -184,44 +262,71 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def write_report(results: dict[str, list[dict]], args, path: Path) -> None:
-    """RESULTS.md: settings, table and per-run wall time; the notes after NOTES_MARKER are kept."""
+def choose(results: dict[str, dict[int, dict]]) -> str:
+    """The M-GRPO variant (at the collapsing learning rate) with the highest mean final accuracy on
+    the selection seeds: the rule fixed before any run was made."""
+    candidates = {v: runs for v, runs in results.items() if v.startswith("mgrpo") and "lowlr" not in v and runs}
+    return max(candidates, key=lambda v: statistics.fmean(r["summary"]["final_true_accuracy"]
+                                                          for r in candidates[v].values()))
+
+
+def write_report(path: Path) -> None:
+    selection = {v: load(v, SELECTION_SEEDS) for v in VARIANTS}
+    confirmation = {v: load(v, CONFIRMATION_SEEDS) for v in VARIANTS}
+    for runs in [*selection.values(), *confirmation.values()]:
+        with_distance_ratio(runs)
+    chosen = choose(selection)
+    confirmed = {v: runs for v, runs in confirmation.items() if runs}
+    plot(selection, "seeds 0-4", HERE / "accuracy.png", HERE / "anchor.png")
+    if confirmed:
+        plot(confirmed, "seeds 5-9", HERE / "accuracy_confirmation.png", HERE / "anchor_confirmation.png")
     old = path.read_text() if path.exists() else ""
     notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
-    walls = [r["summary"]["wall_seconds"] for runs in results.values() for r in runs]
-    missing = [f"{m}-s{s}" for m in METHODS for s in args.seeds if s not in [r["seed"] for r in results[m]]]
-    example = shlex.join(["python", *command("mgrpo", args.seeds[0])[1:]]).replace(str(HERE), "benchmarks/collapse")
+    walls = [r["summary"]["wall_seconds"] for group in (selection, confirmation) for runs in group.values()
+             for r in runs.values()]
+    splits = next(r["summary"]["splits"] for runs in selection.values() for r in runs.values())
     lines = [
-        "# Collapse experiment: SRT vs M-GRPO vs M-GRPO without IQR vs gold-label GRPO", "",
-        f"Generated by `python benchmarks/collapse/run.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--jobs {args.jobs}` on {datetime.date.today().isoformat()}, {machine()}.", "",
-        "Every run trains with [`config.yaml`](config.yaml) plus the method and `train.seed`, e.g.", "",
-        "```bash", example, "```", "",
-        "```", *[f"{m}: {' '.join(o)}" for m, o in METHODS.items()], "```", "",
-        "```yaml", CONFIG.read_text().rstrip(), "```", "",
-        "True accuracy is pass@1 on 128 held-out prompts, 4 samples each at temperature 1.0, every "
-        "10 steps and before the first step (gold answers are used only to measure it). Values are "
-        "mean (min to max) over seeds; the pseudo-label accuracy, vote share and entropy columns are "
-        "means over each run's last 10 steps. The alarm is `megatron_mgrpo.metrics.collapse_alarm`, replayed "
-        "step by step over each run's records (`alarm_replay.py`).", "",
-        *table(results), "",
-        f"Runs missing: {', '.join(missing) if missing else 'none'}. Wall time per run: "
-        f"{min(walls, default=0):.0f}-{max(walls, default=0):.0f} s ({args.jobs} runs at a time).", "",
-        "![collapse](collapse.png)", "", NOTES_MARKER + notes.rstrip("\n") + "\n"]
+        "# Collapse study: when does M-GRPO hold where SRT collapses?", "",
+        f"Generated by `python benchmarks/collapse/run.py report` on {datetime.date.today().isoformat()}, "
+        f"{machine()}; runs made with `select` and `confirm` ({len(walls)} runs, "
+        f"{min(walls, default=0):.0f}-{max(walls, default=0):.0f} s each, two at a time, one thread each).", "",
+        "Every run trains with [`config.yaml`](config.yaml) plus its variant's overrides and `train.seed` (which "
+        "also seeds its warm start; all variants of a seed share it):", "",
+        "```", *[f"{v}: {' '.join(o)}" for v, o in VARIANTS.items()], "```", "",
+        f"Data (every run, from its summary.json): RL / warm-start / evaluation questions "
+        f"{splits['sizes']['rl']} / {splits['sizes']['warmstart']} / {splits['sizes']['eval']}, pairwise overlap "
+        f"{splits['overlap']}, fingerprints {splits['fingerprints']}.", "",
+        "True accuracy is pass@1 on the evaluation split (256 questions no run trains or warm-starts on), 4 "
+        "samples each at T = 1.0, before the first step and every 10 steps. Values are mean ± standard error "
+        f"over seeds. Collapsed: final <= best - {COLLAPSED:.2f}; held: final >= best - {HELD:.2f} (counts of "
+        "seeds). The alarm column replays `megatron_mgrpo.metrics.collapse_alarm` over each run.", "",
+        "## Selection seeds 0-4: every variant", "", *accuracy_table(selection), "",
+        "Paired by seed against SRT (same warm start, same questions):", "", *paired_table(selection), "",
+        "Anchor and filter diagnostics (monitoring only; means over each run's steps unless marked):", "",
+        *diagnostics_table(selection), "",
+        "![accuracy](accuracy.png)", "", "![anchor](anchor.png)", "",
+        f"## Confirmation seeds 5-9: SRT, gold labels and the chosen variant (`{chosen}`)", "",
+        f"Chosen on seeds 0-4 by a rule fixed in advance (highest mean final accuracy among the M-GRPO variants "
+        f"at the collapsing learning rate): **{chosen}**.", "",
+        *(accuracy_table(confirmed) + ["", *paired_table(confirmed), "", *diagnostics_table(confirmed), "",
+                                       "![accuracy](accuracy_confirmation.png)", "",
+                                       "![anchor](anchor_confirmation.png)"] if confirmed else ["Not run yet."]), "",
+        NOTES_MARKER + notes.rstrip("\n") + "\n"]
     path.write_text("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("stage", choices=("select", "confirm", "report"))
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--report-only", action="store_true", help="only redraw the plot and RESULTS.md")
     args = parser.parse_args()
-    if not args.report_only:
-        run_all(args)
-    results = {method: load(method, args.seeds) for method in METHODS}
-    plot(results, HERE / "collapse.png")
-    write_report(results, args, HERE / "RESULTS.md")
+    if args.stage == "select":
+        run_all([(v, seed) for seed in SELECTION_SEEDS for v in VARIANTS], args.jobs)
+    elif args.stage == "confirm":
+        chosen = choose({v: load(v, SELECTION_SEEDS) for v in VARIANTS})
+        print(f"chosen on seeds 0-4: {chosen}", flush=True)
+        run_all([(v, seed) for seed in CONFIRMATION_SEEDS for v in ("srt", "gt", chosen)], args.jobs)
+    write_report(HERE / "RESULTS.md")
 
 
 if __name__ == "__main__":

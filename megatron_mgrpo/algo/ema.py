@@ -20,6 +20,7 @@ writes the EMA once (12 bytes per parameter with an fp32 source, 10 with bf16).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -90,3 +91,15 @@ def ema_update_(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], moment
         torch._foreach_lerp_([e for e, _ in fp32], [s for _, s in fp32], weight)
     if bf16:
         _lerp_from_bf16([e for e, _ in bf16], [s for _, s in bf16], weight)
+
+
+def momentum_at(step: int, total_steps: int, start: float, final: float, schedule: str = "constant") -> float:
+    """m for optimizer step `step` (1-based) of `total_steps`: `start` throughout (constant), or a half
+    cosine from `start` at the first step to `final` at the last (cosine); 1 - m follows the same
+    curve, so m = 0.99 -> 0.99999 lengthens the EMA's memory from ~100 to ~100,000 steps."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"algo.momentum_schedule={schedule!r} is not one of constant, cosine")
+    if schedule == "constant" or total_steps <= 1:
+        return start
+    progress = min(max(step - 1, 0) / (total_steps - 1), 1.0)
+    return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -54,8 +54,14 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
     path = Path(path)
     fmt = detect_format(path, fmt)
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
+        with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is then a bad row with its number
+            for line_no, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield line_no, BadRow(str(path), line_no, "not UTF-8", f"byte {err.start + 1} of the line",
+                                          "save the file as UTF-8")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -66,10 +72,16 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
                 yield line_no, row if isinstance(row, dict) else BadRow(
                     str(path), line_no, "not a JSON object", line.strip()[:60], "write one object per line")
     elif fmt == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
+        try:
+            parquet = pq.ParquetFile(path)
+        except pyarrow.ArrowException as err:
+            raise DataError(f"{str(path)!r} is not a parquet file ({err}): if it holds another format, name it "
+                            f"after that format (e.g. .jsonl) or set data.format") from None
         row_no = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 row_no += 1
                 yield row_no, row
@@ -127,11 +139,12 @@ def load_prompts(path: str | Path, fields: FieldMap = FieldMap(), fmt: str = "au
     return PromptSet(records, bad)
 
 
-def load_prompts_from_config(data) -> PromptSet:
-    """The prompts a `DataConfig` describes: a file / directory, or `builtin:<task>`."""
+def load_prompts_from_config(data, split: str = "rl") -> PromptSet:
+    """The prompts a `DataConfig` describes: a file / directory (all of it), or `builtin:<task>`'s
+    `split` (`data.splits`: data.builtin_size distinct questions)."""
     if data.path.startswith("builtin:"):
-        from megatron_mgrpo.data.synthetic import synthetic_prompts
+        from megatron_mgrpo.data.splits import builtin_split
 
-        return PromptSet(synthetic_prompts(data.path.split(":", 1)[1], data.builtin_size, data.seed))
+        return PromptSet(builtin_split(data.path.split(":", 1)[1], split, data.builtin_size, data.seed))
     fields = FieldMap(**{name: getattr(data.fields, name) for name in ("id", "question", "answer", "solution")})
     return load_prompts(data.path, fields, data.format, data.on_bad_row)

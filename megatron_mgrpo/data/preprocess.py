@@ -64,11 +64,22 @@ def preprocess_file(input: str | Path, output: str | Path, style: str = "auto", 
                     continue
                 out.write(json.dumps(item, ensure_ascii=False) + "\n")
                 report.written += 1
+        if not report.written:
+            raise DataError(_nothing_written(input, report.bad_rows))
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, output)
     return report
+
+
+def _nothing_written(input: str | Path, bad_rows: list[BadRow]) -> str:
+    """Why a conversion produced no prompt: an empty prompt file would only fail later, in training."""
+    if not bad_rows:
+        return f"no prompts written: {str(input)!r} has no rows; point --input at a file with data"
+    counts = ", ".join(f"{n} {reason}" for reason, n in Counter(b.reason for b in bad_rows).items())
+    return (f"no prompts written: all {len(bad_rows)} rows of {str(input)!r} are bad ({counts}); first: "
+            f"{bad_rows[0]}")
 
 
 def _convert(row: dict[str, Any], file: str, line: int, style: str, fields: FieldMap | None,

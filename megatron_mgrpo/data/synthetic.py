@@ -1,10 +1,14 @@
 """Built-in synthetic tasks with gold answers, generated offline by reasoning-gym.
 
 Fixed seeds give identical prompts in every process and run, which the embedded default and
-the tests rely on.
+the tests rely on. reasoning-gym builds item i from `Random(seed + i)`, so the streams of seeds s
+and s + 1 are the same items shifted by one: seeds never separate data. Training, warm-start and
+evaluation prompts come from `data.splits`, which separates them by question text.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from megatron_mgrpo.data.records import DataError, PromptRecord
 
@@ -19,7 +23,14 @@ TASKS = {
 
 
 def synthetic_prompts(task: str, size: int, seed: int, **options) -> list[PromptRecord]:
-    """`size` prompts of `task`; `options` are reasoning-gym's difficulty knobs (e.g. max_terms)."""
+    """The first `size` items of `task` (duplicates and all); `options` are reasoning-gym's
+    difficulty knobs (e.g. max_terms)."""
+    return list(synthetic_stream(task, seed, size, **options))
+
+
+def synthetic_stream(task: str, seed: int, size: int, **options) -> Iterator[PromptRecord]:
+    """The first `size` items of `task`, generated one by one (reasoning-gym builds each on demand,
+    though some tasks set up per-item state for all `size` first)."""
     if task not in TASKS:
         raise DataError(f"unknown builtin task {task!r}: use builtin:{', builtin:'.join(TASKS)}")
     import reasoning_gym
@@ -29,5 +40,6 @@ def synthetic_prompts(task: str, size: int, seed: int, **options) -> list[Prompt
         dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **(defaults | options))
     except TypeError as err:
         raise DataError(f"builtin:{task} does not take options {sorted(options)}: {err}") from err
-    return [PromptRecord(id=f"{task}-{seed}-{i}", question=item["question"], gold_answer=str(item["answer"]))
-            for i, item in enumerate(dataset)]
+    for i in range(size):
+        item = dataset[i]
+        yield PromptRecord(id=f"{task}-{seed}-{i}", question=item["question"], gold_answer=str(item["answer"]))

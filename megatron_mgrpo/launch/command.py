@@ -19,15 +19,17 @@ def launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     shape, shape_source = load_model_shape(cfg.model.path, args.model_config)
     plan = plan_launch(cfg, shape)
+    restart = job.restart_count if job else 0
+    problems = plan.problems()
+    if problems:  # the plan and its memory tables say why, but no command that would not run
+        print(describe(cfg, shape, shape_source, plan, [], restart=restart))
+        raise LaunchError("; ".join(problems))
     hosts = job.hosts if job else placeholder_hosts(cfg.launch.nodes)
     roles = assign_nodes(hosts, plan.layout)
     launcher = args.launcher if args.launcher != "auto" else "srun" if job or len(hosts) > 1 else "torchrun"
     steps = render_steps(cfg, plan.layout, roles, config_path=args.config, overrides=list(args.overrides),
                          launcher=launcher, log_dir=args.log_dir)
-    print(describe(cfg, shape, shape_source, plan, steps, restart=job.restart_count if job else 0))
-    problems = plan.problems()
-    if problems:
-        raise LaunchError("; ".join(problems))
+    print(describe(cfg, shape, shape_source, plan, steps, restart=restart))
     if args.dry_run:
         return 0
     from megatron_mgrpo.launch.runner import run_steps
@@ -36,10 +38,11 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def _cluster_overrides(args: argparse.Namespace, job) -> list[str]:
-    """--nodes / --gpus-per-node win; inside Slurm the allocation fills what they leave open."""
-    nodes = args.nodes or (len(job.hosts) if job else None)
-    gpus = args.gpus_per_node or (job.gpus_per_node if job else None)
-    return ([f"launch.nodes={nodes}"] if nodes else []) + ([f"launch.gpus_per_node={gpus}"] if gpus else [])
+    """--nodes / --gpus-per-node win; inside Slurm the allocation fills what they leave open. A given
+    value always goes to the config, whose validation refuses one that is not positive."""
+    nodes = args.nodes if args.nodes is not None else len(job.hosts) if job else None
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else job.gpus_per_node if job else None
+    return [f"launch.{key}={value}" for key, value in (("nodes", nodes), ("gpus_per_node", gpus)) if value is not None]
 
 
 def describe(cfg: Config, shape: ModelShape, shape_source: str, plan: Plan, steps: list[Step],
@@ -63,7 +66,11 @@ def describe(cfg: Config, shape: ModelShape, shape_source: str, plan: Plan, step
     for memory in (plan.train_memory, plan.rollout_memory):
         if memory:
             lines += ["", *_memory_table(memory)]
-    lines += [""] + [f"warning: {w}" for w in plan.warnings] + ["commands:"] + [f"  {s.shell()}" for s in steps]
+    lines += [""] + [f"warning: {w}" for w in plan.warnings]
+    if steps:
+        lines += ["commands:"] + [f"  {s.shell()}" for s in steps]
+    else:
+        lines.append("commands: none, the plan does not fit")
     return "\n".join(lines)
 
 

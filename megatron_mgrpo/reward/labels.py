@@ -1,6 +1,7 @@
 """Label sources: where a prompt's reward comes from. One setting, `reward.label_source`.
 
     mgrpo     vote over the policy's M and the momentum model's N answers; reward the policy's
+              (vote_pool=momentum: the momentum model's N answers alone vote)
     srt       vote over the policy's own answers (self-rewarding baseline)
     ttrl      vote over the policy's whole pool; reward only the first `ttrl_train_samples`
     gt        gold answers (supervised RLVR): reward = equivalent to gold
@@ -52,23 +53,37 @@ class LabelSource(Protocol):
     def label(self, groups: list[PromptGroup]) -> list[LabelResult]: ...
 
 
-class MajorityVote:
-    """mgrpo (with_momentum=True) and srt: reward = the policy answer is in the winning class."""
+VOTE_POOLS = ("pool", "momentum")
 
-    def __init__(self, grader: AnswerGrader, threshold: float, with_momentum: bool):
-        self.grader, self.threshold, self.with_momentum = grader, threshold, with_momentum
-        self.name = "mgrpo" if with_momentum else "srt"
+
+class MajorityVote:
+    """mgrpo and srt: reward = the policy answer is in the winning class of the voters' answers.
+
+    voters: "policy" (srt), "pool" (mgrpo: policy + momentum) or "momentum" (mgrpo with the
+    momentum model's answers alone: a label the policy's own samples cannot outvote)."""
+
+    def __init__(self, grader: AnswerGrader, threshold: float, voters: str):
+        if voters not in ("policy", *VOTE_POOLS):
+            raise ValueError(f"reward.vote_pool={voters!r} is not one of {', '.join(VOTE_POOLS)}")
+        self.grader, self.threshold, self.voters = grader, threshold, voters
+        self.name = "srt" if voters == "policy" else "mgrpo"
 
     def label(self, groups: list[PromptGroup]) -> list[LabelResult]:
-        pools = [g.policy_answers + (g.momentum_answers if self.with_momentum else []) for g in groups]
-        return [self._reward(v, len(g.policy_answers))
-                for g, v in zip(groups, _votes(pools, self.grader, self.threshold))]
+        # every answer is grouped, so that the policy's answers have classes whoever votes
+        pools = [g.policy_answers + g.momentum_answers for g in groups]
+        results = []
+        for g, pool, classes in zip(groups, pools, self.grader.group_many(pools)):
+            m = len(g.policy_answers)
+            voters = {"policy": slice(0, m), "pool": slice(0, None), "momentum": slice(m, None)}[self.voters]
+            result = vote(pool[voters], self.grader, self.threshold, classes=classes[voters])
+            results.append(self._reward(result, classes[:m]))
+        return results
 
     @staticmethod
-    def _reward(result: Vote, trained: int) -> LabelResult:
+    def _reward(result: Vote, trained_classes: list[int | None]) -> LabelResult:
         if result.label is None:
-            return LabelResult(None, result.share, [0.0] * trained, result, trained=False)
-        rewards = [float(cls == result.winner) for cls in result.classes[:trained]]
+            return LabelResult(None, result.share, [0.0] * len(trained_classes), result, trained=False)
+        rewards = [float(cls is not None and cls == result.winner) for cls in trained_classes]
         return LabelResult(result.label, result.share, rewards, result, trained=True)
 
 
@@ -88,7 +103,7 @@ class TTRL:
                 raise ValueError(f"prompt {g.prompt_id!r} has {len(g.policy_answers)} samples, fewer than "
                                  f"reward.ttrl_train_samples={self.train_samples}: raise rollout.group_size")
         votes = _votes([g.policy_answers for g in groups], self.grader, self.threshold)
-        return [MajorityVote._reward(v, self.train_samples) for v in votes]
+        return [MajorityVote._reward(v, v.classes[:self.train_samples]) for v in votes]
 
 
 class GoldLabels:
@@ -134,8 +149,8 @@ def _votes(pools: list[list[str | None]], grader: AnswerGrader, threshold: float
 
 
 def make_label_source(name: str, grader: AnswerGrader, *, threshold: float = 0.0, ttrl_train_samples: int = 16,
-                      gold: Mapping[str, str] | None = None) -> LabelSource:
-    """The label source called `name`; `gold` is accepted by `gt` only."""
+                      gold: Mapping[str, str] | None = None, vote_pool: str = "pool") -> LabelSource:
+    """The label source called `name`; `gold` is accepted by `gt` only, `vote_pool` read by `mgrpo` only."""
     if name not in SOURCES:
         raise ValueError(f"reward.label_source={name!r} is not one of {', '.join(SOURCES)}")
     if name == "gt":
@@ -149,7 +164,7 @@ def make_label_source(name: str, grader: AnswerGrader, *, threshold: float = 0.0
         return SelfCertainty()
     if name == "ttrl":
         return TTRL(grader, threshold, ttrl_train_samples)
-    return MajorityVote(grader, threshold, with_momentum=name == "mgrpo")
+    return MajorityVote(grader, threshold, voters=vote_pool if name == "mgrpo" else "policy")
 
 
 def pseudo_label_accuracy(results: list[LabelResult], prompt_ids: list[str], gold: Mapping[str, str],

@@ -13,6 +13,8 @@ deletes checkpoints beyond the last `keep_last`. A process killed at any point t
 either the new complete checkpoint or the temporary directory next to the previous complete one,
 and `latest_checkpoint` never picks a temporary or unmarked directory. A run directory has one
 writing job at a time: a save removes temporary directories that earlier, killed saves left behind.
+A complete checkpoint whose files were damaged later (a full disk, a copy cut short) is moved
+aside by `load_latest_checkpoint`, which resumes from the previous one instead.
 
 The momentum copy is a name -> fp32 tensor mapping per model chunk with exactly the parameters'
 shapes; each entry is stored as a ShardedTensor with its parameter's sharding metadata under the
@@ -29,13 +31,16 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_mgrpo.train import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,16 @@ FILES_DIR = "hf"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TEMP_DIR = re.compile(r"step_\d+\.tmp-\d+")
+#: what a checkpoint that does not load is renamed to (`<name>.corrupt-<n>`): never picked or pruned
+CORRUPT_SUFFIX = ".corrupt-"
 MOMENTUM_PREFIX = "momentum."
 #: The distributed optimizer's state stored per parameter in the canonical (unsharded) layout, so
 #: it reshards over TP / PP / DP; megatron-core 0.16.1 rejects its old default (flattened ranges).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A complete checkpoint whose files cannot be read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +155,10 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}); "
                                 f"use latest_checkpoint(run_dir) to find the newest complete one")
-    saved = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    try:
+        saved = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    except Exception as err:
+        raise UnreadableCheckpoint(f"cannot read {path}: its common state (common.pt): {_last_line(err)}") from err
     for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("momentum", momentum)):
         if part is not None and name not in saved["parts"]:
             raise ValueError(f"{path} was saved without the {name}: load it without `{name}=`")
@@ -159,7 +173,11 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
     same_layout = saved["layout"] == _layout(len(chunks))
     if restore_rng and same_layout:
         state["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as err:  # torch's reader raises the latter, a BaseException
+        damaged = ", ".join(_damaged_files(path)) or "its tensors"
+        raise UnreadableCheckpoint(f"cannot read {path}: {damaged}: {_last_line(err)}") from err
     if load_model:
         for index, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
@@ -174,6 +192,98 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
     if "rng_state" in state:
         _set_rng_state(loaded["rng_state"])
     return LoadedCheckpoint(path=path, step=saved["step"], common=saved["user"], rng_restored="rng_state" in state)
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, model_chunks, *, optimizer=None, scheduler=None,
+                           momentum: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None = None,
+                           say: Callable[[str], Any] = log.warning) -> LoadedCheckpoint | None:
+    """Load the newest complete checkpoint of `run_dir` that reads, as `load_checkpoint` (a collective
+    call); None when the run has none.
+
+    A checkpoint that cannot be read is reported through `say` and the previous one is tried. Once
+    one loads, rank 0 renames the newer ones to `<name>.corrupt-<n>`: kept for inspection, never
+    picked again, and out of the way of the step's next save. When none loads, nothing is moved
+    (the cause may then be this run's model, not the files) and CheckpointError lists them all.
+
+    Every rank tries each checkpoint and the ranks agree on the outcome, so all resume from the
+    same one; torch's distributed reader raises on every rank when one rank's read fails, so no
+    rank is left waiting in a collective of a load that the others gave up.
+    """
+    failed: list[tuple[Path, str]] = []
+    newest_first = complete_checkpoints(run_dir)[::-1]
+    for index, path in enumerate(newest_first):
+        error = None
+        try:
+            loaded = load_checkpoint(path, model_chunks, optimizer=optimizer, scheduler=scheduler, momentum=momentum)
+        except UnreadableCheckpoint as err:
+            error = str(err)
+        error = _any_rank_error(error)
+        if error is None:
+            if failed:
+                unreadable = [failed_path for failed_path, _ in failed]
+                moved = _move_aside(unreadable)
+                say("moved the unreadable checkpoints aside: " +
+                    ", ".join(f"{old.name} -> {new.name}" for old, new in zip(unreadable, moved)))
+            return loaded
+        say(error + ("; trying the previous checkpoint" if index + 1 < len(newest_first) else ""))
+        failed.append((path, error))
+    if failed:
+        raise CheckpointError(f"no checkpoint of {run_dir} loads ({'; '.join(error for _, error in failed)}): "
+                              f"check that model.path is the run's model, or move {Path(run_dir) / CHECKPOINTS} "
+                              f"aside to start the run afresh")
+    return None
+
+
+def _any_rank_error(error: str | None) -> str | None:
+    """The first rank's error of a load (None when every rank loaded), the same on every rank."""
+    if dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _move_aside(paths: list[Path]) -> list[Path]:
+    """Rank 0 renames each checkpoint to a free `<name>.corrupt-<n>`; every rank returns the new names."""
+    names: list = [None]
+    if dist.get_rank() == 0:
+        names = [[]]
+        for path in paths:
+            number = 1
+            while (target := path.with_name(f"{path.name}{CORRUPT_SUFFIX}{number}")).exists():
+                number += 1
+            path.rename(target)
+            names[0].append(str(target))
+    dist.broadcast_object_list(names, src=0)  # also keeps every rank from going on before the renames
+    return [Path(name) for name in names[0]]
+
+
+def _damaged_files(path: Path) -> list[str]:
+    """The files of a checkpoint that are missing or shorter than torch's `.metadata` records, each
+    with what is wrong (`.metadata` itself when it does not read): damage that can be named
+    without reading any tensor. Empty when every file has its full size."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:
+        return [".metadata (unreadable)"]
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    damaged = []
+    for name, end in sorted(ends.items()):
+        if not (path / name).is_file():
+            damaged.append(f"{name} (missing)")
+        elif (size := (path / name).stat().st_size) < end:
+            damaged.append(f"{name} (cut off: {size} of {end} bytes)")
+    return damaged
+
+
+def _last_line(err: BaseException) -> str:
+    """A one-line cause: torch's CheckpointException carries every rank's traceback in its text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _materialise_optimizer_state(optimizer) -> None:

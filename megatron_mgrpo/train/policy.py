@@ -26,6 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_mgrpo.algo import momentum_at
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.models.hf_config import ModelSpec
 from megatron_mgrpo.models.rows import RowHooks
@@ -237,10 +238,43 @@ class MegatronPolicy:
         return metrics | {"entropy": entropy, "grad_norm": float(grad_norm or 0.0),
                           "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def update_momentum(self) -> None:
-        """The EMA step after an optimizer step: local shards only, no communication."""
+    def update_momentum(self) -> float:
+        """The EMA step after an optimizer step: local shards only, no communication. Returns the m
+        used (algo.momentum_schedule; the step count is the scheduler's, so a resumed run continues
+        the schedule)."""
+        algo, train = self.cfg.algo, self.cfg.train
+        m = momentum_at(self.scheduler.num_steps, train.steps * train.updates_per_rollout, algo.momentum,
+                        algo.momentum_final, algo.momentum_schedule)
         if self.momentum is not None:
-            self.momentum.ema_update_(self.cfg.algo.momentum)
+            self.momentum.ema_update_(m)
+        return m
+
+    @torch.no_grad()
+    def weight_distance(self, which: str, other: str = "policy") -> float:
+        """||theta_which - theta_other|| (L2) over the whole model, on every rank: each local shard
+        counted once (tensor-parallel duplicates on TP rank 0 only), summed over the ranks that hold
+        different shards."""
+        from megatron.core import parallel_state as ps
+
+        params = [param for _, param in self.module.named_parameters()]  # the shadows' order
+
+        def tensors(name: str) -> list[torch.Tensor]:
+            return [p.detach() for p in params] if name == "policy" else self._shadow(name).tensors
+
+        dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for param, a, b in zip(params, tensors(which), tensors(other)):
+            expert_param = not getattr(param, "allreduce", True)
+            tp_rank = ps.get_expert_tensor_parallel_rank() if expert_param else ps.get_tensor_model_parallel_rank()
+            if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+                square = (a.double() - b.double()).square().sum().cpu()
+                if expert_param:
+                    expert += square
+                else:
+                    dense += square
+        if dist.get_world_size() > 1:
+            dist.all_reduce(dense, group=ps.get_model_parallel_group())
+            dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return float((dense + expert).sqrt())
 
     def hf_weights(self, which: str = "policy") -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of the policy or momentum weights, all yielded on global rank 0

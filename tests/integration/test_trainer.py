@@ -22,7 +22,7 @@ from megatron_mgrpo.trainer import EMBEDDED_PRESET
 SMALL = ["train.steps=2", "train.prompts_per_step=4", "rollout.group_size=6", "rollout.momentum_samples=2",
          "rollout.max_new_tokens=8", "warmstart.steps=30", "eval.prompts=8", "eval.interval=1",
          "checkpoint.interval=1", "log.wandb=disabled", "train.lr_schedule=constant", "data.builtin_size=64",
-         "reward.ttrl_train_samples=4"]
+         "warmstart.size=500", "reward.ttrl_train_samples=4"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,8 +59,13 @@ def test_embedded_run_writes_every_artifact(tmp_path):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1]
     for key in ("reward/mean", "label/accuracy", "label/agreement", "entropy/mean", "iqr/drop_rate", "kl/mean",
-                "response/length_mean", "accuracy/true", "time/rollout", "time/train", "train/grad_norm"):
+                "response/length_mean", "accuracy/true", "time/rollout", "time/train", "train/grad_norm",
+                "accuracy/true_momentum", "anchor/flip_rate", "anchor/kl", "anchor/distance", "iqr/dropped",
+                "vote/policy_correct", "vote/momentum_correct", "vote/label_correct", "momentum/m"):
         assert key in records[-1], key
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits == summary["splits"] and splits["sizes"] == {"rl": 64, "warmstart": 500, "eval": 8}
+    assert splits["overlap"] == {"rl-warmstart": 0, "rl-eval": 0, "warmstart-eval": 0}
     assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "entropy.png", "true_accuracy.png",
                                                           "step_time.png", "kl.png"}
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_000002" / "complete.json").is_file()
@@ -110,7 +115,7 @@ def _first_steps(rank, port, variants, steps, results):
     for the trainer's own choice)), all from the same warm start and seeds."""
     from pathlib import Path
 
-    from megatron_mgrpo.data.datasets import load_prompts_from_config
+    from megatron_mgrpo.data.splits import build_splits
     from megatron_mgrpo.metrics import PhaseTimer
     from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
     from megatron_mgrpo.parallel.dist import Launch, destroy_distributed, init_distributed
@@ -122,8 +127,9 @@ def _first_steps(rank, port, variants, steps, results):
     try:
         for name, (_, score_first) in variants.items():
             cfg = configs[name]
-            model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir())
-            trainer = Trainer(cfg, Path(results["dir"]), model_dir, load_prompts_from_config(cfg.data).records, [])
+            splits = build_splits(cfg)
+            model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir(), splits.warmstart)
+            trainer = Trainer(cfg, Path(results["dir"]), model_dir, splits.rl, [])
             if score_first is not None:
                 trainer.score_first = score_first
             try:
@@ -173,6 +179,30 @@ def test_drift_is_logged_without_a_kl_term_and_leaves_the_update_alone(tmp_path)
 
 
 @pytest.mark.slow
+def test_anchor_diagnostics_measure_the_momentum_model(tmp_path):
+    """Before any update policy, momentum and initial weights are one: KL and distances 0. After one
+    update theta_m = m theta_0 + (1 - m) theta_1, so ||theta_1 - theta_m|| = m ||theta_1 - theta_0||;
+    with m = 1 the momentum model stays the warm start. With vote_pool=momentum the label is the
+    momentum model's vote."""
+    base = ["train.lr=0.003", "train.steps=3", "eval.interval=3"]
+    runs = first_steps(tmp_path, {"ema": (base, None),
+                                  "frozen": (base + ["algo.momentum=1.0", "reward.vote_pool=momentum"], None)},
+                       steps=3)
+    for name, records in runs.items():
+        first = records[0]
+        assert first["anchor/kl"] == pytest.approx(0, abs=1e-6) and first["anchor/distance"] == 0.0
+        assert first["anchor/distance_initial"] == 0.0 and 0 <= first["anchor/flip_rate"] <= 1
+    second = runs["ema"][1]
+    assert second["anchor/distance"] == pytest.approx(0.99 * second["anchor/distance_initial"], rel=1e-5) > 0
+    assert second["anchor/kl"] > 0 and runs["ema"][1]["momentum/m"] == 0.99
+    frozen = runs["frozen"]
+    assert all(r["momentum/m"] == 1.0 for r in frozen)
+    assert frozen[2]["anchor/distance"] == pytest.approx(frozen[2]["anchor/distance_initial"], rel=1e-6) > 0
+    for record in frozen:  # the label is the momentum model's vote
+        assert record["vote/label_correct"] == record["vote/momentum_correct"]
+
+
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = ["train.steps=4", "eval.interval=2"]
     run_cli(tmp_path / "straight", *steps)
@@ -199,9 +229,9 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_gold_answers_never_reach_a_label_free_reward(tmp_path):
     """The same prompts with true and with absurd gold answers: identical rewards and losses for
     mgrpo; only the monitoring metric (pseudo-label accuracy) sees the difference."""
-    from megatron_mgrpo.data.synthetic import synthetic_prompts
+    from megatron_mgrpo.data.splits import builtin_split
 
-    records = synthetic_prompts("small_sums", 16, 0)
+    records = builtin_split("small_sums", "rl", 16, 0)  # questions the warm start does not train on
     for name, gold in (("true", None), ("absurd", "\\pi^{99}")):
         with open(tmp_path / f"{name}.jsonl", "w") as handle:
             for r in records:

@@ -59,3 +59,45 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     assert command.replace("python3 -m pip install", "pip install").replace(" -q", "") in \
         ci.replace("python3 -m pip install", "pip install").replace(" -q", "")
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path, capsys):
+    """A YAML syntax error names the file and line, a directory is called one (not "missing")."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: 5\n  lr: [1, 2\nalgo:\n  momentum: 0.9\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  steps: 5  # r\xe9sum\xe9\n".encode("latin-1"))
+    for config, expected in ((broken, "is not valid YAML at line 4, column 5: did not find expected ','"),
+                             (latin1, "is not UTF-8 text"), (tmp_path, "is a directory: pass a YAML file")):
+        assert main(["config", "show", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mgrpo config: error: config file ") and str(config) in err and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreadable_data_files_name_the_file(tmp_path, capsys):
+    """A text file named .parquet is said not to be parquet; a non-UTF-8 jsonl line is named by its number."""
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"problem": "p", "answer": "1"}\n')
+    assert main(["preprocess", "--input", str(fake), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "fake.parquet' is not a parquet file" in err and len(err.strip().splitlines()) == 1, err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"problem": "p", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')
+    assert main(["preprocess", "--input", str(latin1), "--output", str(tmp_path / "o.jsonl"),
+                 "--on-bad-row", "error"]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.jsonl:2: not UTF-8 (byte 17 of the line); save the file as UTF-8" in err and "Traceback" not in err
+
+
+def test_a_run_none_of_whose_checkpoints_loads_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import megatron_mgrpo.trainer
+    from megatron_mgrpo.train import CheckpointError
+
+    def train(cfg, out):
+        raise CheckpointError(f"no checkpoint of {out} loads (cannot read {out}/checkpoints/step_000010: ...)")
+
+    monkeypatch.setattr(megatron_mgrpo.trainer, "train", train)
+    assert main(["train", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mgrpo train: error: no checkpoint of ") and "Traceback" not in "".join(err)

@@ -60,6 +60,13 @@ def test_unknown_keys_suggest_the_right_one(override, expected):
     ("train.steps=ten", "train.steps='ten' has the wrong type: expected int"),
     ("algo.iqr_filter=3", "algo.iqr_filter=3 has the wrong type: expected bool"),
     ("algo=3", "algo must be a mapping"),
+    ("reward.vote_pool=policy", "reward.vote_pool='policy' is not allowed; choose one of: pool, momentum"),
+    ("algo.momentum_schedule=linear", "algo.momentum_schedule='linear' is not allowed; choose one of: constant, "
+                                      "cosine"),
+    ("algo.momentum_final=1.01", "algo.momentum_final=1.01 is out of range: must be >= 0 and <= 1"),
+    ("eval.holdout_fraction=1", "eval.holdout_fraction=1.0 is out of range: must be > 0 and < 1"),
+    ("warmstart.size=0", "warmstart.size=0 is out of range: must be >= 1"),
+    ("log.anchor_interval=-1", "log.anchor_interval=-1 is out of range: must be >= 0"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +79,8 @@ def test_bad_values_name_key_value_and_allowed(override, expected):
     (["reward.label_source=ttrl", "reward.ttrl_train_samples=64"], "set it to at most 32"),
     (["train.min_lr=1e-3"], "train.min_lr=0.001 is above train.lr"),
     (["reward.label_source=srt", "algo.kl_reference=momentum"], "use kl_reference=initial"),
+    (["reward.label_source=srt", "reward.vote_pool=momentum"], "only reward.label_source=mgrpo draws .* use "
+                                                               "vote_pool=pool"),
 ])
 def test_rules_across_keys(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -119,3 +128,13 @@ def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(overrides=["algo.momentum"])
     assert yaml.safe_load(to_yaml(Config()))["algo"]["momentum"] == 0.99
+
+
+def test_study_knobs_accept_their_values():
+    cfg = load_config(overrides=["algo.momentum=1.0", "reward.vote_pool=momentum", "algo.momentum_schedule=cosine",
+                                 "algo.momentum_final=0.9999"])
+    assert (cfg.algo.momentum, cfg.reward.vote_pool, cfg.algo.momentum_schedule, cfg.algo.momentum_final) == (
+        1.0, "momentum", "cosine", 0.9999)
+    defaults = load_config()
+    assert (defaults.algo.momentum, defaults.algo.momentum_schedule, defaults.reward.vote_pool) == (
+        0.99, "constant", "pool")

@@ -1,6 +1,7 @@
 """The metrics sink (jsonl, resume, wandb), phase timing, plots, summary and the collapse alarm."""
 
 import json
+import re
 import time
 
 import pytest
@@ -89,6 +90,38 @@ def test_live_display_runs_without_a_terminal(tmp_path):
     assert "2/2" in console.export_text()
 
 
+def test_without_a_terminal_every_step_is_one_line_written_at_once(tmp_path):
+    """Under Slurm or nohup stderr is a file: a live bar would reach it only as one line at the end."""
+    import io
+
+    from rich.console import Console
+
+    stream = io.StringIO()
+    sink = MetricsSink(tmp_path, total_steps=40, wandb_mode="disabled", console=Console(file=stream, width=40))
+    with sink.phase("rollout"):
+        time.sleep(0.01)
+    sink.log(0, {"reward/mean": 0.5, "label/share_mean": 0.75, "accuracy/true": None, "entropy/mean": 0.8125,
+                 "alarm/collapse": 0.0})
+    first = stream.getvalue()
+    assert first.count("\n") == 1  # there before the next step or close
+    assert re.fullmatch(r"step 1/40  rollout 0\.0s \(0\.0s\)  reward 0\.5  label share 0\.75  H 0\.812\n",
+                        first), first
+    sink.log(1, {"reward/mean": 0.25, "accuracy/true": 0.5, "alarm/collapse": 1.0})
+    sink.close()
+    second = stream.getvalue()[len(first):]
+    assert second.startswith("step 2/40  ") and second.endswith("reward 0.25  acc 0.5  ALARM\n"), second
+
+
+def test_on_a_terminal_the_live_bar_shows_instead_of_lines(tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=120, force_terminal=True)
+    with MetricsSink(tmp_path, total_steps=2, wandb_mode="disabled", console=console) as sink:
+        assert sink._progress is not None
+        sink.log(0, {"reward/mean": 0.5})
+    assert "step 1/2" not in console.export_text()
+
+
 def test_plots_cover_present_metrics_and_skip_absent_ones(tmp_path):
     with MetricsSink(tmp_path, total_steps=4, wandb_mode="disabled", live=False) as sink:
         for step in range(4):
@@ -97,12 +130,30 @@ def test_plots_cover_present_metrics_and_skip_absent_ones(tmp_path):
             with sink.phase("train"):
                 pass
             sink.log(step, {"reward/mean": step / 4, "kl/mean": 0.01 * step, "accuracy/true": 0.5,
-                            "accuracy/eval": 0.4 if step % 2 == 0 else None})
+                            "accuracy/true_momentum": 0.4 if step % 2 == 0 else None, "anchor/flip_rate": 0.1})
     written = {p.name for p in plot_metrics(tmp_path)}
     # kl/mean is also one of the collapse signals; absent metrics (entropy, lengths, ...) draw nothing
-    assert written == {"reward.png", "kl.png", "true_accuracy.png", "step_time.png", "collapse_signals.png"}
+    assert written == {"reward.png", "kl.png", "true_accuracy.png", "step_time.png", "collapse_signals.png",
+                       "anchor.png"}
     for name in written:
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_true_accuracy_plot_starts_with_the_initial_accuracy(tmp_path, monkeypatch):
+    """The accuracy before training is in summary.json only; the plot draws it at step 0."""
+    from matplotlib.figure import Figure
+
+    with MetricsSink(tmp_path, total_steps=20, wandb_mode="disabled", live=False) as sink:
+        for step in range(20):
+            sink.log(step, {"accuracy/true": 0.5 if step in (9, 19) else None})
+    (tmp_path / "summary.json").write_text(json.dumps({"initial_true_accuracy": 0.25}))
+    drawn = {}
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kw: (
+        drawn.update({path.stem: [line.get_xydata().tolist() for line in figure.axes[0].lines]}),
+        save(figure, path, **kw)))
+    plot_metrics(tmp_path)
+    assert drawn["true_accuracy"] == [[[0, 0.25], [9, 0.5], [19, 0.5]]]
 
 
 def test_summary_table_lists_every_entry():
@@ -112,6 +163,10 @@ def test_summary_table_lists_every_entry():
     console.print(summary_table({"steps": 20, "final_true_accuracy": 0.123456}))
     text = console.export_text()
     assert "steps" in text and "20" in text and "0.1235" in text
+    console.print(summary_table({"splits": {"sizes": {"rl": 20, "warmstart": 30, "eval": 5},
+                                            "overlap": {"rl-eval": 0, "rl-warmstart": 0, "warmstart-eval": 0},
+                                            "fingerprints": {"rl": "abc"}}}))
+    assert "20 / 30 / 5, 0 shared" in console.export_text() and "abc" not in console.export_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.rollout.server import free_port
@@ -325,3 +326,63 @@ def test_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path, kill_poin
     if kill_point == "rename":  # the temporary directory holds a finished save, yet is never picked
         assert (run_dir / "checkpoints" / names[1] / "complete.json").is_file()
     mp.start_processes(reload_worker, args=(1, free_port(), str(run_dir)), nprocs=1, start_method="spawn")
+
+
+def corrupt_newest_worker(rank, world, port, run_dir):
+    from megatron_mgrpo.parallel.dist import destroy_distributed
+    from megatron_mgrpo.train import CheckpointError
+    from megatron_mgrpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
+
+    _start(rank, world, world, 1, port)
+    try:
+        _, _, model = _build("qwen3", False, world, 1)
+        root = Path(run_dir) / "checkpoints"
+        saved = {}
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(1.0)
+            saved[step] = {name: p.detach().clone() for name, p in model.named_parameters()}
+            save_checkpoint(run_dir, step, model, common={"data_position": 10 * step})
+
+        def cut_off(step: int) -> None:  # the last rank's shard file loses its second half (a full disk)
+            dist.barrier()
+            if rank == 0:
+                shard = root / f"step_{step:06d}" / f"__{world - 1}_0.distcp"
+                os.truncate(shard, shard.stat().st_size // 2)
+            dist.barrier()
+
+        cut_off(3)
+        messages = []
+        loaded = load_latest_checkpoint(run_dir, model, say=messages.append)
+        assert loaded.step == 2 and loaded.common == {"data_position": 20}
+        for name, param in model.named_parameters():
+            assert torch.equal(param, saved[2][name]), name
+        assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002", "step_000003.corrupt-1"]
+        unreadable, resumed = messages
+        assert unreadable.startswith(f"cannot read {root / 'step_000003'}: __{world - 1}_0.distcp (cut off: ")
+        assert unreadable.endswith("EOFError; trying the previous checkpoint")
+        assert resumed == "moved the unreadable checkpoints aside: step_000003 -> step_000003.corrupt-1"
+
+        dist.barrier()  # every rank has looked before the next save adds its temporary directory
+        save_checkpoint(run_dir, 3, model)  # a damaged step saved again is moved aside under the next number
+        cut_off(3)
+        assert load_latest_checkpoint(run_dir, model, say=lambda message: None).step == 2
+        assert (root / "step_000003.corrupt-2").is_dir()
+
+        cut_off(2)
+        cut_off(1)
+        with pytest.raises(CheckpointError, match=r"no checkpoint of .* loads \(cannot read .*step_000002: .*; "
+                                                  r"cannot read .*step_000001: .*\): check that model.path"):
+            load_latest_checkpoint(run_dir, model, say=lambda message: None)
+        assert sorted(p.name for p in root.iterdir()) == [  # when none loads, nothing is moved
+            "step_000001", "step_000002", "step_000003.corrupt-1", "step_000003.corrupt-2"]
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_loads(tmp_path):
+    """Only the last TP rank reads the cut-off file; both ranks agree to fall back all the same."""
+    mp.start_processes(corrupt_newest_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")

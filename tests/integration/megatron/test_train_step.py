@@ -67,7 +67,8 @@ def run_step(rank: int, world: int, tp: int, pp: int, port: int, results, count:
         momentum = policy.score(batch, TEMPERATURE, weights="momentum")
         exported = {"policy": dict(policy.hf_weights("policy")), "momentum": dict(policy.hf_weights("momentum"))}
         results[rank] = {"before": before, "after": after, "momentum": momentum, "metrics": metrics,
-                         "weights": exported, "dp": ps.get_data_parallel_world_size(), "rows": rows}
+                         "weights": exported, "dp": ps.get_data_parallel_world_size(), "rows": rows,
+                         "distance": policy.weight_distance("momentum")}
     finally:
         destroy_distributed()
 
@@ -133,6 +134,9 @@ def test_sharded_ema_equals_unsharded_ema(reference):
     for name, updated in policy.items():
         expected = torch.lerp(hf[name].float(), updated, 1 - MOMENTUM)
         assert torch.allclose(momentum[name], expected, atol=1e-7), name
+    # the anchor diagnostic ||theta - theta_momentum|| is the distance between the full weights
+    full = torch.cat([(policy[name] - momentum[name]).flatten() for name in policy])
+    assert reference["distance"] == pytest.approx(float(full.double().norm()), rel=1e-6) and reference["distance"] > 0
     # the momentum weights really are what a momentum-weights forward uses
     assert not all(torch.allclose(m, p) for m, p in zip(reference["momentum"].logprobs, reference["after"].logprobs))
 
@@ -150,6 +154,8 @@ def test_parallel_step_equals_single_process(reference, tp, pp, world):
                 assert torch.allclose(got, want, atol=1e-5), key
         for name in ("loss", "grad_norm", "clip_fraction", "tis_weight_mean"):
             assert result["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-5, abs=1e-7), name
+        # each shard counted once: TP duplicates (norms) on one rank, stages summed
+        assert result["distance"] == pytest.approx(reference["distance"], rel=1e-4)
     # Adam's first update is lr * g / (|g| + eps): where a gradient is ~0, rounding-level differences
     # in it (other reduction orders) flip the update. So: nearly every element equal to 1e-6, and
     # none off by more than a small fraction of one learning-rate step.

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megatron_mgrpo.algo import ema, ema_update_
+from megatron_mgrpo.algo import ema, ema_update_, momentum_at
 
 SHAPES = ((5, 3), (7,), (2, 2, 2), (1,))  # one structure, so the compiled path compiles once per process
 
@@ -98,3 +98,15 @@ def test_bad_input_is_named():
         ema_update_(tensors(0), tensors(1, torch.float16), 0.9)
     with pytest.raises(ValueError, match=r"EMA tensor 0 is \(3,\) on cpu but its source is \(4,\) on cpu"):
         ema_update_([torch.zeros(3)], [torch.zeros(4)], 0.9)
+
+
+def test_momentum_schedules():
+    assert [momentum_at(step, 100, 0.99, 0.99999) for step in (1, 50, 100)] == [0.99] * 3
+    cosine = [momentum_at(step, 101, 0.99, 0.99999, "cosine") for step in range(1, 102)]
+    assert cosine[0] == pytest.approx(0.99) and cosine[-1] == pytest.approx(0.99999)
+    assert cosine[50] == pytest.approx((0.99 + 0.99999) / 2)  # half way, half the change
+    assert all(a <= b for a, b in zip(cosine, cosine[1:]))
+    assert momentum_at(500, 101, 0.99, 0.99999, "cosine") == pytest.approx(0.99999)  # past the end: held
+    assert momentum_at(1, 1, 0.99, 0.5, "cosine") == 0.99
+    with pytest.raises(ValueError, match="algo.momentum_schedule='step'"):
+        momentum_at(1, 10, 0.99, 0.999, "step")

@@ -121,3 +121,20 @@ def test_chat_template(tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="use data.template=plain"):
         PromptTemplate(tokenizer, mode="chat")
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row_with_its_number(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"id": "a", "question": "1+1?"}\n{"id": "b", "question": "caf\xe9?"}\n'
+                     b'{"id": "c", "question": "2+2?"}\n')
+    prompts = load_prompts(path)
+    assert [r.id for r in prompts.records] == ["a", "c"]
+    assert [(b.line, b.reason) for b in prompts.bad_rows] == [(2, "not UTF-8")]
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: not UTF-8"):
+        load_prompts(path, on_bad_row="error")
+
+
+def test_a_text_file_named_parquet_is_said_not_to_be_parquet(tmp_path):
+    path = write_jsonl(tmp_path / "rows.parquet", ROWS)
+    with pytest.raises(DataError, match=r"rows.parquet' is not a parquet file .*name it after that format"):
+        load_prompts(path)

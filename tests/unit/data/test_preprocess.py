@@ -65,3 +65,16 @@ def test_cli(tmp_path, capsys):
     assert main(["preprocess", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o2.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_no_prompt_written_is_an_error_that_says_why(tmp_path, capsys):
+    src = write(tmp_path / "odd.jsonl", [{"q": "what?"}, {"q": "why?"}])
+    code = main(["preprocess", "--input", str(src), "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no prompts written: all 2 rows of" in err and "odd.jsonl:1: missing question" in err
+    assert "--question-field" in err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["preprocess", "--input", str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "has no rows" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists() and not list(tmp_path.glob("*.partial"))

@@ -1,3 +1,5 @@
+import pytest
+
 from megatron_mgrpo.cli import main
 from tests.unit.launch.conftest import model_config_path, recipe_path
 
@@ -47,3 +49,24 @@ def test_vllm_servers_are_started_ready_for_the_trainer_to_attach(capsys, monkey
     (train,) = [line for line in lines if "torchrun" in line]
     urls = {kv.split("=")[0]: kv.split("=")[1].split(",") for kv in train.split() if kv.startswith("MGRPO_")}
     assert len(urls["MGRPO_POLICY_URLS"]) == 6 and len(urls["MGRPO_MOMENTUM_URLS"]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--nodes", "--gpus-per-node"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_zero_or_negative_cluster_sizes_are_refused_not_replaced(capsys, monkeypatch, flag, value):
+    """0 used to be falsy and fell back to the config's launch.nodes / launch.gpus_per_node."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["launch", "--config", recipe_path(RECIPE), "--model-config", model_config_path(RECIPE),
+              flag, value, "--dry-run"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {value} must be > 0" in capsys.readouterr().err
+
+
+def test_a_plan_that_does_not_fit_prints_no_command(capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    code = main(["launch", "--config", recipe_path(RECIPE), "--model-config", model_config_path(RECIPE),
+                 "--launcher", "srun", "--dry-run", "parallel.tp=1", "launch.gpu_memory_gib=40"])
+    out = capsys.readouterr().out
+    assert code == 2 and "DOES NOT FIT" in out and "commands: none, the plan does not fit" in out
+    assert "srun" not in out and "torchrun" not in out

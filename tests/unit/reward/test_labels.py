@@ -16,6 +16,20 @@ def test_mgrpo_votes_with_momentum_but_rewards_only_the_policy(grader):
     assert srt.label == "2" and srt.rewards == [0.0, 1.0, 1.0]
 
 
+def test_mgrpo_can_take_its_label_from_the_momentum_votes_alone(grader):
+    """vote_pool=momentum: the policy's 4 votes for "2" cannot outvote the momentum model's "1"."""
+    group = PromptGroup("p", policy_answers=["2", "2", "2", "2", "1"], momentum_answers=["1", "1.0", "3"])
+    pool, = make_label_source("mgrpo", grader).label([group])
+    assert pool.label == "2" and pool.rewards == [1.0, 1.0, 1.0, 1.0, 0.0]
+    alone, = make_label_source("mgrpo", grader, vote_pool="momentum").label([group])
+    assert alone.label == "1" and alone.share == pytest.approx(2 / 3) and alone.rewards == [0.0] * 4 + [1.0]
+    unvoted, = make_label_source("mgrpo", grader, vote_pool="momentum").label(
+        [PromptGroup("q", ["2", "2"], [None, None])])
+    assert not unvoted.trained and unvoted.rewards == [0.0, 0.0]
+    with pytest.raises(ValueError, match="reward.vote_pool='both'"):
+        make_label_source("mgrpo", grader, vote_pool="both")
+
+
 def test_ttrl_rewards_a_subset(grader):
     result, = make_label_source("ttrl", grader, ttrl_train_samples=2).label(
         [PromptGroup("p", policy_answers=["5", "6", "6", "6"])])

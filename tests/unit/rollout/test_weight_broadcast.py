@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.rollout.server import free_port
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster, join_weight_group
 
 GROUP = "mgrpo_weights_test"
+#: spawned children import torch before they join: slow on a loaded machine, and only ever waited for
+TIMEOUT_S = 300
 
 
 def sent_tensors():
@@ -21,7 +22,7 @@ def fake_server_rank(rank, port, world_size, manifest, out_queue):
     """What a server rank does: join as rank `rank`, then receive the named tensors in order."""
     import torch.distributed as dist
 
-    group = join_weight_group("127.0.0.1", port, rank, world_size, GROUP, "gloo", timeout_s=60)
+    group = join_weight_group("127.0.0.1", port, rank, world_size, GROUP, "gloo", timeout_s=TIMEOUT_S)
     received = {}
     for name, dtype, shape in manifest:
         tensor = torch.empty(shape, dtype=getattr(torch, dtype))
@@ -34,18 +35,21 @@ def fake_server_rank(rank, port, world_size, manifest, out_queue):
 def test_server_ranks_receive_exactly_what_rank0_broadcast():
     tensors = sent_tensors()
     manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()]
-    port, world_size = free_port(), 3
+    world_size = 3
+    # rank 0 listens on a port the OS picks and holds it from then on, as the trainer does: a port
+    # found free and bound only later may be taken in between by another process of a busy machine
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, world_size, group_name=GROUP, backend="gloo", device="cpu",
+                                    timeout_s=TIMEOUT_S)
+    broadcaster.listen()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    servers = [ctx.Process(target=fake_server_rank, args=(rank, port, world_size, manifest, queue))
-               for rank in (1, 2)]
+    servers = [ctx.Process(target=fake_server_rank,
+                           args=(rank, broadcaster.master_port, world_size, manifest, queue)) for rank in (1, 2)]
     for process in servers:
         process.start()
-    broadcaster = WeightBroadcaster("127.0.0.1", port, world_size, group_name=GROUP, backend="gloo", device="cpu",
-                                    timeout_s=60)
     broadcaster.connect()
     broadcaster.broadcast(tensors.values())
-    results = dict(queue.get(timeout=60) for _ in servers)
+    results = dict(queue.get(timeout=TIMEOUT_S) for _ in servers)
     broadcaster.close()
     for process in servers:
         process.join(timeout=30)
@@ -58,7 +62,7 @@ def test_server_ranks_receive_exactly_what_rank0_broadcast():
 
 
 def test_broadcast_before_connect_is_a_clear_error():
-    broadcaster = WeightBroadcaster("127.0.0.1", free_port(), 2, backend="gloo", device="cpu")
+    broadcaster = WeightBroadcaster("127.0.0.1", 0, 2, backend="gloo", device="cpu")
     with pytest.raises(RuntimeError, match="call connect\\(\\) first"):
         broadcaster.broadcast([torch.zeros(1)])
 
