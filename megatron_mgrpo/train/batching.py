@@ -91,6 +91,19 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
+    def to(self, device: torch.device) -> MicroBatch:
+        """The micro-batch on `device` (collated on the CPU; the model may live on a GPU)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+
+        def move(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return MicroBatch(self.indices, move(self.input_ids), move(self.position_ids), move(self.attention_mask),
+                          move(self.source), move(self.targets), move(self.response_mask),
+                          {name: move(value) for name, value in self.fields.items()},
+                          None if self.routing is None else [move(layer) for layer in self.routing])
+
 
 def data_parallel_share(num_sequences: int, dp_rank: int, dp_size: int) -> list[int]:
     """The sequence indices this data-parallel rank trains on: a strided share, so that every rank

@@ -94,7 +94,7 @@ def _softmax_sums(local_logits: torch.Tensor, vocab_size: int, temperature: floa
     peak = torch.cat([_masked_padding(chunk, vocab_size, temperature).amax(dim=-1)
                       for chunk in rows.split(chunk_tokens)])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.empty(2, rows.shape[0])
+    sums = torch.empty(2, rows.shape[0], device=rows.device)
     for index, chunk in enumerate(rows.split(chunk_tokens)):
         span = slice(index * chunk_tokens, index * chunk_tokens + chunk.shape[0])
         logits = _masked_padding(chunk, vocab_size, temperature)

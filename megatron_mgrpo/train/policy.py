@@ -98,8 +98,10 @@ class MegatronPolicy:
         (on the last pipeline stage; an empty list elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        device = next(self.module.parameters()).device
+
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            batch = next(data_iterator).to(device)
             if self.replay is not None:  # the engine's experts for this micro-batch's forward
                 self.replay.replay(batch.routing)
             self.rows.set(batch.position_ids, batch.source)
@@ -170,7 +172,7 @@ class MegatronPolicy:
                 certainty = [float(per_token[row][mask[row]].sum() / max(int(mask[row].sum()), 1))
                              for row in range(len(batch.indices))]
             logprobs, entropy = self._logprobs(batch, logits, temperature)
-            return [(index, (logprobs[row][mask[row]], entropy[row][mask[row]], certainty[row]))
+            return [(index, (logprobs[row][mask[row]].cpu(), entropy[row][mask[row]].cpu(), certainty[row]))
                     for row, index in enumerate(batch.indices)]
 
         share, batches = self._my_share(sequences)

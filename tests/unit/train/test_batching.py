@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from megatron_mgrpo.train.batching import (TrainSequences, collate, data_parallel_share, micro_batches,
+from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, collate, data_parallel_share, micro_batches,
                                            pack_by_tokens, row_width, share_prompt_rows)
 
 
@@ -122,3 +122,16 @@ def test_prompt_sharing_follows_the_attention_in_use(monkeypatch):
     assert prompt_sharing("auto", spec) is None
     with pytest.raises(ConfigError, match="train.prompt_sharing=always needs megatron's local attention"):
         prompt_sharing("always", spec)
+
+
+def test_a_micro_batch_moves_every_tensor_to_the_model_device():
+    """Micro-batches are collated on the CPU; a model on a GPU reads them on its own device."""
+    batch = MicroBatch([0], torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), None,
+                       torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+                       torch.ones(1, 2, dtype=torch.bool), {"advantage": torch.zeros(1)}, [torch.zeros(3, 2)])
+    assert batch.to("cpu") is batch  # nothing to move: no copy
+    moved = batch.to("meta")
+    tensors = [moved.input_ids, moved.position_ids, moved.source, moved.targets, moved.response_mask,
+               moved.fields["advantage"], *moved.routing]
+    assert all(t.device.type == "meta" for t in tensors) and moved.attention_mask is None
+    assert moved.indices == [0]
