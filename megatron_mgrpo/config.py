@@ -205,7 +205,7 @@ class EvalConfig:
                                         "on purpose); the overlap is still counted in summary.json")
     interval: int = option(10, "measure true accuracy every this many steps (and at the start and end)", ge=1)
     temperature: float = option(0.0, "sampling temperature of the accuracy measurement; 0 is greedy", ge=0.0)
-    samples: int = option(1, "samples per held-out prompt; true accuracy is pass@1 averaged over them", ge=1)
+    samples: int = option(1, "samples per evaluation prompt; true accuracy is pass@1 averaged over them", ge=1)
 
 
 @dataclass
@@ -270,7 +270,7 @@ class Config:
     data: DataConfig = section(DataConfig, "prompt dataset and template")
     train: TrainConfig = section(TrainConfig, "optimisation")
     warmstart: WarmStartConfig = section(WarmStartConfig, "supervised warm start of a builtin model")
-    eval: EvalConfig = section(EvalConfig, "true accuracy on held-out prompts during training")
+    eval: EvalConfig = section(EvalConfig, "true accuracy on the evaluation split during training")
     log: LogConfig = section(LogConfig, "metrics and tracking")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "distributed checkpoints")
     launch: LaunchConfig = section(LaunchConfig, "cluster shape and rollout placement (mgrpo launch)")

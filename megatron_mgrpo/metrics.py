@@ -391,7 +391,9 @@ def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, kl_ce
 
     Calibrated on one tiny-task experiment (benchmarks/collapse: builtin:small_sums,
     tiny-qwen3, 3 seeds; `alarm_replay.py` replays this rule over its runs): take the
-    thresholds as a starting point elsewhere. There the 10-step KL median of the gold-label
+    thresholds as a starting point elsewhere. Those runs measured true accuracy on questions that
+    were also RL and warm-start questions; the study on disjoint splits that replaced them reports
+    the rule's firings beside each run (benchmarks/collapse/RESULTS.md). There the 10-step KL median of the gold-label
     runs never exceeded 0.08, and that of every SRT run crossed 0.2 between steps 21 and 37
     while its true accuracy fell. A second set of runs (other warm starts, later code) tested
     the unchanged rule: it fired on all nine label-free runs, all of which lost accuracy, and on
