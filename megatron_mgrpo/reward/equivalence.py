@@ -325,7 +325,13 @@ class AnswerGrader:
         while pending or busy:
             while pending and idle:
                 worker, i = idle.pop(), pending.popleft()
-                worker.send(requests[i])
+                try:
+                    worker.send(requests[i])
+                except (BrokenPipeError, ConnectionResetError):  # it died while idle (killed, out of memory)
+                    self.stats.worker_crashes += 1
+                    log.warning("answer-grading worker had died while idle; restarted")
+                    worker.restart()
+                    worker.send(requests[i])
                 busy[worker] = (i, time.monotonic() + self.timeout_s)
             soonest = min(deadline for _, deadline in busy.values())
             ready = wait([worker.conn for worker in busy], timeout=max(0.0, soonest - time.monotonic()))

@@ -155,6 +155,16 @@ def test_a_hang_becomes_a_counted_timeout_and_the_pool_recovers():
 
 
 @pytest.mark.slow
+def test_a_worker_killed_while_idle_is_replaced_and_counted():
+    with AnswerGrader(num_workers=1) as grader:
+        assert grader.group_answers([r"\frac{1}{2}", "0.5"]) == [0, 0]
+        grader._workers[0].process.kill()  # e.g. the out-of-memory killer, between two steps
+        grader._workers[0].process.join()
+        assert grader.group_answers([r"\frac{1}{4}", "0.25", "3"]) == [0, 0, 1]
+        assert grader.stats.worker_crashes == 1
+
+
+@pytest.mark.slow
 def test_a_real_hostile_answer_times_out():
     with AnswerGrader(num_workers=1, timeout_s=2.0) as grader:
         grader.group_answers(["1", "2"])
