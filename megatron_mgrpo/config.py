@@ -221,6 +221,8 @@ class LogConfig:
     anchor_interval: int = option(1, "label_source=mgrpo: measure the policy-momentum KL and weight distance every "
                                      "this many steps (a no-grad momentum forward over the policy's samples); 0 "
                                      "never", ge=0)
+    tensorboard: bool = option(False, "also write the metrics.jsonl scalars as TensorBoard events, to tensorboard/ "
+                                      "in the run directory, on rank 0 (needs the tensorboard package)")
 
 
 @dataclass
@@ -258,6 +260,14 @@ class LaunchConfig:
                               ge=1, le=65535)
     engine_python: str = option("python3", "interpreter that runs the rollout servers: an environment with "
                                            "SGLang or vLLM, which pin their own torch")
+    container_image: str = option("", "container image every srun step runs in (pyxis --container-image: a "
+                                      "registry image such as nvcr.io#org/image:tag, or an enroot .sqsh file); "
+                                      "empty runs on the host's software")
+    container_mounts: str = option("", "with launch.container_image: host paths mounted into the container, "
+                                       "SRC:DST[:ro] separated by commas (pyxis --container-mounts)")
+    container_workdir: str = option("", "with launch.container_image: working directory inside the container, "
+                                        "where the relative paths of the run resolve (pyxis --container-workdir); "
+                                        "empty keeps the image's")
 
 
 @dataclass

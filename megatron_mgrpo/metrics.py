@@ -1,4 +1,4 @@
-"""The run's metrics: live progress, metrics.jsonl, wandb, phase timing, plots, summary, collapse alarm.
+"""The run's metrics: live progress, metrics.jsonl, wandb, TensorBoard, phase timing, plots, summary, collapse alarm.
 
 Only the process that owns the run directory (global rank 0) creates a `MetricsSink`; the others
 time their phases with a `PhaseTimer` and send what they measured to rank 0.
@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tensorboard"
 STEP_TIME, OTHER_TIME = "time/step", "time/other"
 # (file stem, title, keys drawn as lines, y label)
 PLOTS = (
@@ -132,13 +133,17 @@ def truncate_metrics(path: Path, resume_step: int) -> list[dict[str, Any]]:
 
 
 class MetricsSink:
-    """Progress display, metrics.jsonl and wandb for one run directory.
+    """Progress display, metrics.jsonl, wandb and (optionally) TensorBoard for one run directory.
 
     `start_step` is the first step this process will log (0 for a fresh run, the checkpoint's
     step on resume); records at or after it are removed from metrics.jsonl first. wandb runs
     in `wandb_mode` (offline by default: files under <run_dir>/wandb, no network; `wandb sync`
     uploads them later), with a run id kept in the run directory so a resumed run continues
     the same wandb run.
+
+    `tensorboard` also writes the numeric metrics to event files under <run_dir>/tensorboard, for
+    clusters that browse runs with TensorBoard rather than wandb. A resumed run purges the events at
+    or after `start_step`, as metrics.jsonl drops its records, so no step shows twice.
 
     `live` shows progress on `console` (stderr by default): on a terminal a live bar; otherwise
     (Slurm, nohup, a pipe) one line per logged step, flushed at once, since a bar redrawn in
@@ -147,7 +152,7 @@ class MetricsSink:
 
     def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0, wandb_mode: str = "offline",
                  wandb_project: str = "megatron_mgrpo", config: Mapping[str, Any] | None = None,
-                 live: bool = True, console=None):
+                 live: bool = True, console=None, tensorboard: bool = False):
         from rich.console import Console
 
         self.run_dir = Path(run_dir)
@@ -156,6 +161,7 @@ class MetricsSink:
         # every record of the run so far, e.g. for collapse_alarm
         self.history = truncate_metrics(self.path, start_step) if self.path.exists() else []
         self._wandb = self._start_wandb(wandb_mode, wandb_project, config)
+        self._tensorboard = self._start_tensorboard(start_step) if tensorboard else None
         self._file = open(self.path, "a", encoding="utf-8")
         self.console = console or Console(stderr=True)
         self.timer = PhaseTimer()
@@ -172,6 +178,20 @@ class MetricsSink:
         progress.start()
         self._task = progress.add_task("steps", total=total_steps, completed=start_step, phase="start", last="")
         return progress
+
+    def _start_tensorboard(self, start_step: int):
+        """A SummaryWriter on <run_dir>/tensorboard; imported only here, since most runs do without it.
+
+        A missing package is a ConfigError, so `mgrpo train` reports it in one line, not a traceback.
+        """
+        from megatron_mgrpo.config import ConfigError
+
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                              "or set log.tensorboard=false") from None
+        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step or None)
 
     def _start_wandb(self, mode: str, project: str, config: Mapping[str, Any] | None):
         if mode not in ("disabled", "offline", "online"):
@@ -199,15 +219,19 @@ class MetricsSink:
         """Record step `step` (counted from 0): the metrics plus the step's phase times; returns the record.
 
         `tokens` (generated this step) adds perf/tokens_per_s. Values are numbers, None for "not
-        measured this step", or strings; wandb gets the numbers.
+        measured this step", or strings; wandb and TensorBoard get the numbers.
         """
         record = {"step": step, **metrics, **self.timer.take(tokens)}
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
         self.history.append(record)
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None:
-            numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self._wandb.log(numbers, step=step)
+        if self._tensorboard is not None:
+            for key, value in numbers.items():
+                self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()  # readable while the run goes on, like metrics.jsonl
         if self._progress is not None:
             self._progress.update(self._task, completed=step + 1, phase="step", last=_headline(record))
         if self._step_lines:
@@ -222,6 +246,9 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         self._file.close()
 
     def __enter__(self) -> MetricsSink:

@@ -479,7 +479,7 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
         if rank0:
             sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
                                            wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg),
-                                           console=console)
+                                           console=console, tensorboard=cfg.log.tensorboard)
             if start == 0 and trainer.eval_prompts:
                 state["initial_true_accuracy"] = trainer.true_accuracy()
             sink.timer.take()  # set-up time is not step 0's

@@ -19,6 +19,17 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export PYTHONUNBUFFERED=1
 
+# Container (pyxis/enroot): CONTAINER_IMAGE runs every srun step, servers and trainer, inside that
+# image. By default the submit directory is mounted at the same path and is the working directory,
+# so the relative paths of the run (config, data, runs/, logs/) mean the same inside and outside;
+# CONTAINER_MOUNTS and CONTAINER_WORKDIR replace those defaults.
+container_overrides=()
+if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+    container_overrides=("launch.container_image=$CONTAINER_IMAGE"
+        "launch.container_mounts=${CONTAINER_MOUNTS:-$PWD:$PWD}"
+        "launch.container_workdir=${CONTAINER_WORKDIR:-$PWD}")
+fi
+
 # run_mgrpo CONFIG MODEL_CONFIG [KEY=VALUE ...]
 # Runs `mgrpo launch` in the background so that the USR1 Slurm sends before the time limit
 # (#SBATCH --signal=B:USR1@...) reaches this shell; the trap forwards it to the launcher, which
@@ -31,7 +42,7 @@ run_mgrpo() {
     local launch_pid status=0 preempted=0
     mgrpo launch --config "$config" --model-config "$model_config" --log-dir "$LOG_DIR" \
         ${MGRPO_DRY_RUN:+--dry-run} "log.out_dir=runs/${SLURM_JOB_ID:-local}" checkpoint.resume=true \
-        "launch.engine_python=${ENGINE_PYTHON:-python3}" "$@" &
+        "launch.engine_python=${ENGINE_PYTHON:-python3}" "${container_overrides[@]}" "$@" &
     launch_pid=$!
     trap 'preempted=1; kill -USR1 "$launch_pid" 2>/dev/null || true' USR1
     # `wait` returns early when a trapped signal arrives: keep waiting until the launcher is gone.

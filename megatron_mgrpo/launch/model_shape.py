@@ -13,6 +13,10 @@ from pathlib import Path
 from megatron_mgrpo.launch import LaunchError
 
 
+#: Published config.json files of the recipes' models, named after the last component of their hub name.
+MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "model_configs"
+
+
 class ModelConfigError(LaunchError):
     """A model config.json that cannot be found or read; the message says which file and what to do."""
 
@@ -91,21 +95,46 @@ def read_model_shape(config: dict, source: str) -> ModelShape:
 
 
 def load_model_shape(model_path: str, fallback: str | None = None) -> tuple[ModelShape, str]:
-    """The shape of `model_path`'s config.json, else of `fallback` (for hub names with no local copy).
+    """The shape of `model_path`'s config.json, else of `fallback`, else of the shipped config of that name.
 
-    The local checkpoint wins because it is what will actually be loaded; the fallback exists for
-    planning offline from the published configs in examples/model_configs/.
+    The local checkpoint wins because it is what will actually be loaded; the fallback and the
+    published configs in examples/model_configs/ exist for planning offline with a hub name such as
+    Qwen/Qwen3-8B-Base, which servers and trainer download on the cluster. The returned source says
+    which file sized the model, so the plan shows when a shipped config stood in for the checkpoint.
     """
     local = Path(model_path) / "config.json"
-    path = local if local.is_file() else Path(fallback) if fallback else None
-    if path is None:
-        raise ModelConfigError(f"model.path={model_path!r} has no config.json here: point model.path at a local "
-                               f"checkpoint directory, or pass --model-config FILE (e.g. "
-                               f"examples/model_configs/Qwen3-8B-Base.json)")
+    if local.is_file():
+        path, source = local, str(local)
+    elif fallback:
+        path, source = Path(fallback), fallback
+    else:
+        path = shipped_model_config(model_path)
+        source = f"no local copy: sized with the shipped {_shown(path)}, matched by name"
     if not path.is_file():
         raise ModelConfigError(f"--model-config {str(path)!r} does not exist: pass a model's config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelConfigError(f"{path} is not valid JSON: {err}") from None
-    return read_model_shape(config, str(path)), str(path)
+    return read_model_shape(config, str(path)), source
+
+
+def shipped_model_config(model_path: str) -> Path:
+    """examples/model_configs/<name>.json for a model.path whose last component is <name>, e.g. Qwen/Qwen3-8B-Base."""
+    name = model_path.rstrip("/").rsplit("/", 1)[-1]
+    shipped = sorted(MODEL_CONFIGS.glob("*.json"))
+    match = next((path for path in shipped if path.stem == name), None)
+    if match is None:
+        names = ", ".join(path.name for path in shipped) or "none"
+        raise ModelConfigError(f"model.path={model_path!r} has no config.json here and no shipped config is named "
+                               f"{name}.json: point model.path at a local checkpoint directory, or pass "
+                               f"--model-config FILE (shipped in {_shown(MODEL_CONFIGS)}: {names})")
+    return match
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (as in a checkout), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

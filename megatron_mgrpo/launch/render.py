@@ -4,7 +4,8 @@ Every process of the job is started from these argv lists, so a dry run prints e
 real launch executes. Under Slurm each piece is its own `srun --overlap` step pinned to its hosts:
 servers take their GPUs with CUDA_VISIBLE_DEVICES, and the trainer runs one task per GPU (ranks
 from SLURM_PROCID, see parallel/dist.py), so srun forwards a preemption signal straight to every
-trainer rank without a torchrun agent in between.
+trainer rank without a torchrun agent in between. With launch.container_image set, every step
+runs inside that image through the pyxis srun flags, so the batch node only needs the planner.
 """
 
 from __future__ import annotations
@@ -86,13 +87,17 @@ def render_steps(cfg: Config, layout: Layout, roles: NodeRoles, *, config_path: 
                  launcher: str, log_dir: str) -> list[Step]:
     """Server steps (one per engine), then the trainer step(s): what `mgrpo launch` runs, in order."""
     engines = place_engines(cfg, roles) if cfg.rollout.engine != "hf" else []
+    container = _container_flags(cfg)
+    if container and launcher != "srun":
+        raise LaunchError(f"launch.container_image={cfg.launch.container_image!r} runs each step through srun's "
+                          f"pyxis flags, which --launcher {launcher} does not use: use --launcher srun")
     steps = []
     for engine in engines:
         name = f"{engine.pool}-engine-{engine.index}"
         env = ["env", f"CUDA_VISIBLE_DEVICES={','.join(map(str, engine.gpus))}"]
         argv = server_argv(cfg, engine, layout)
         if launcher == "srun":
-            argv = _srun(name, [engine.host], 1, log_dir) + env + argv
+            argv = _srun(name, [engine.host], 1, log_dir) + container + env + argv
         else:
             argv = env + argv
         steps.append(Step(name, tuple(argv), engine))
@@ -101,7 +106,7 @@ def render_steps(cfg: Config, layout: Layout, roles: NodeRoles, *, config_path: 
     train = trainer_argv(config_path, overrides)
     port = str(cfg.launch.master_port)
     if launcher == "srun":
-        argv = _srun("train", list(roles.train), cfg.launch.gpus_per_node, log_dir) + urls + [
+        argv = _srun("train", list(roles.train), cfg.launch.gpus_per_node, log_dir) + container + urls + [
             f"MASTER_ADDR={roles.master}", f"MASTER_PORT={port}"] + train
         return steps + [Step("train", tuple(argv))]
     if len(roles.train) + len(roles.rollout) > 1:
@@ -121,3 +126,23 @@ def _srun(name: str, hosts: list[str], tasks_per_node: int, log_dir: str) -> lis
     return ["srun", "--overlap", f"--job-name={name}", f"--nodes={len(hosts)}", f"--nodelist={','.join(hosts)}",
             f"--ntasks-per-node={tasks_per_node}", "--gpu-bind=none", "--cpu-bind=none", "--kill-on-bad-exit=1",
             f"--output={log_dir}/{name}-%j.log"]
+
+
+def _container_flags(cfg: Config) -> list[str]:
+    """pyxis flags that put a step inside launch.container_image; none without an image.
+
+    Mounts or a workdir without an image would be silently dropped, so they are refused instead.
+    """
+    launch = cfg.launch
+    if not launch.container_image:
+        stray = [key for key in ("container_mounts", "container_workdir") if getattr(launch, key)]
+        if stray:
+            raise LaunchError(f"launch.{stray[0]} is set but launch.container_image is empty: set the image, "
+                              f"or drop launch.{stray[0]}")
+        return []
+    flags = [f"--container-image={launch.container_image}"]
+    if launch.container_mounts:
+        flags.append(f"--container-mounts={launch.container_mounts}")
+    if launch.container_workdir:
+        flags.append(f"--container-workdir={launch.container_workdir}")
+    return flags

@@ -265,3 +265,42 @@ def test_short_or_empty_histories_are_not_judged():
     assert collapse_alarm(history(19, **split)) == (False, [])
     assert collapse_alarm(history(20, **split)).alarm
     assert collapse_alarm(history(40, **{"entropy/mean": lambda t: 1.0})) == (False, [])
+
+
+def _tensorboard_scalars(run_dir):
+    """{tag: [(step, value), ...]} as TensorBoard reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_numeric_metrics_and_a_resume_replaces_rolled_back_steps(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard (the test extra)")
+    run_steps(tmp_path, range(3), tensorboard=True)
+    scalars = _tensorboard_scalars(tmp_path)
+    assert [(step, pytest.approx(value)) for step, value in scalars["reward/mean"]] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert [step for step, _ in scalars["time/rollout"]] == [0, 1, 2]  # phase times, like metrics.jsonl
+
+    with MetricsSink(tmp_path, total_steps=10, start_step=1, wandb_mode="disabled", live=False,
+                     tensorboard=True) as sink:
+        sink.log(1, {"reward/mean": 0.5, "note": "text"})  # a string has no scalar: left out
+    scalars = _tensorboard_scalars(tmp_path)
+    assert [(step, pytest.approx(value)) for step, value in scalars["reward/mean"]] == [(0, 0.0), (1, 0.5)]
+    assert "note" not in scalars
+
+
+def test_tensorboard_off_writes_no_event_files(tmp_path):
+    run_steps(tmp_path, range(2))
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_without_the_package_names_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    from megatron_mgrpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="log.tensorboard=true needs the tensorboard package: pip install"):
+        MetricsSink(tmp_path, total_steps=1, wandb_mode="disabled", live=False, tensorboard=True)

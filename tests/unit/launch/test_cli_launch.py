@@ -70,3 +70,18 @@ def test_a_plan_that_does_not_fit_prints_no_command(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 2 and "DOES NOT FIT" in out and "commands: none, the plan does not fit" in out
     assert "srun" not in out and "torchrun" not in out
+
+
+def test_hub_name_plans_without_model_config(capsys, monkeypatch):
+    """Qwen/Qwen3-8B-Base is sized by the shipped examples/model_configs/Qwen3-8B-Base.json. Its recipe
+    plans 2 training + 2 rollout nodes; on 2 nodes, one rollout node of 8 GPUs holds 6 policy + 2 momentum
+    engines (the recipe's 12 + 4 would need 16 GPUs)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["launch", "--config", recipe_path("mgrpo_qwen3_8b_math.yaml"), "--nodes", "2", "--gpus-per-node",
+                 "8", "--dry-run", "launch.rollout_nodes=1", "launch.policy_engines=6",
+                 "launch.momentum_engines=2"]) == 0
+    out = capsys.readouterr().out
+    model = next(line for line in out.splitlines() if line.startswith("model "))
+    assert "(no local copy: sized with the shipped " in model and "Qwen3-8B-Base.json, matched by name)" in model
+    assert "1 training node(s), 1 rollout node(s)" in out and "fits" in out
+    assert sum(line.startswith("  srun ") for line in out.splitlines()) == 9

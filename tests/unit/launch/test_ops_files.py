@@ -52,6 +52,23 @@ def test_single_node_script_renders_colocated_commands():
                           "checkpoint.resume=true launch.engine_python=python3 train.steps=3")
 
 
+def test_container_image_from_the_environment_wraps_every_step():
+    """CONTAINER_IMAGE alone mounts the submit directory at its own path and works there, so the run's
+    relative paths resolve alike inside and outside; CONTAINER_MOUNTS / CONTAINER_WORKDIR replace that."""
+    image = "nvcr.io#acme/mgrpo:0.1.0"
+    out = _dry_run("mgrpo_qwen3_4b_1node.sbatch", "h100-07", 1, CONTAINER_IMAGE=image)
+    commands = [line.strip() for line in out.splitlines() if line.startswith("  srun")]
+    flags = f"'--container-image={image}' --container-mounts={ROOT}:{ROOT} --container-workdir={ROOT} env "
+    assert len(commands) == 9 and all(flags in c for c in commands)
+    assert f"launch.container_image={image}" in commands[-1].replace("'", "")  # the trainer sees the same config
+
+    out = _dry_run("mgrpo_qwen3_4b_1node.sbatch", "h100-07", 1, CONTAINER_IMAGE=image,
+                   CONTAINER_MOUNTS="/lustre/me/mgrpo:/workspace,/lustre/data:/data:ro", CONTAINER_WORKDIR="/workspace")
+    commands = [line.strip() for line in out.splitlines() if line.startswith("  srun")]
+    flags = "--container-mounts=/lustre/me/mgrpo:/workspace,/lustre/data:/data:ro --container-workdir=/workspace env "
+    assert len(commands) == 9 and all(flags in c for c in commands)
+
+
 def test_disaggregated_script_renders_moe_pools():
     out = _dry_run("mgrpo_disaggregated.sbatch", "gpu-[001-004,010-013]", 8,
                    CONFIG="examples/configs/mgrpo_qwen3_30b_a3b_math.yaml",

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from megatron_mgrpo.launch import LaunchError
@@ -89,6 +91,21 @@ def test_tensor_parallelism_halves_weights_and_ema_but_not_the_optimizer(load_re
     assert tp4[optimizer] == pytest.approx(tp2[optimizer], rel=0.05)
 
 
-def test_missing_model_config_says_how_to_fix():
-    with pytest.raises(ModelConfigError, match="pass --model-config FILE"):
-        load_model_shape("Qwen/Qwen3-8B-Base")
+def test_hub_name_without_local_copy_is_sized_by_the_shipped_config_of_that_name():
+    shape, source = load_model_shape("Qwen/Qwen3-8B-Base")
+    assert shape.total_params() / 1e9 == pytest.approx(8.19, abs=0.01)
+    assert source.startswith("no local copy: sized with the shipped ") and "Qwen3-8B-Base.json" in source
+
+
+def test_unknown_hub_name_names_the_flag_and_the_shipped_configs():
+    with pytest.raises(ModelConfigError, match="pass --model-config FILE") as err:
+        load_model_shape("acme/Unknown-7B")
+    assert "no shipped config is named Unknown-7B.json" in str(err.value)
+    assert all(shipped in str(err.value) for shipped in RECIPES.values())
+
+
+def test_local_checkpoint_and_model_config_win_over_the_shipped_config(tmp_path):
+    (tmp_path / "config.json").write_text(Path(model_config_path("mgrpo_qwen3_4b_math.yaml")).read_text())
+    assert load_model_shape(str(tmp_path))[1] == str(tmp_path / "config.json")
+    explicit = model_config_path("mgrpo_qwen3_4b_math.yaml")
+    assert load_model_shape("Qwen/Qwen3-8B-Base", explicit)[1] == explicit
