@@ -102,11 +102,16 @@ def test_parallel_first_step_matches_tp1(tmp_path, tp, pp, source):
     mp.start_processes(_spawned_train, args=(2, free_port(), overrides, tmp_path / "par"), nprocs=2,
                        start_method="spawn")
     single, parallel = read_metrics(tmp_path / "tp1")[0], read_metrics(tmp_path / "par")[0]
+    loss_abs = 1e-6
     if source == "intuitor":  # rewards from the trainer's forward: equal up to rounding
         assert parallel["reward/mean"] == pytest.approx(single["reward/mean"], rel=1e-5)
+        # The loss is a mean of unit-scale terms (group-normalised advantages) that cancel to ~0.01;
+        # reward rounding divided by a small within-group spread moves it by ~1e-5 absolute.
+        loss_abs = 1e-4
     else:
         assert parallel["reward/mean"] == single["reward/mean"]  # identical samples
-    for key in ("train/loss", "train/grad_norm", "entropy/mean"):
+    assert parallel["train/loss"] == pytest.approx(single["train/loss"], rel=1e-4, abs=loss_abs)
+    for key in ("train/grad_norm", "entropy/mean"):
         assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
