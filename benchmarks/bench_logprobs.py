@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_mgrpo.rollout.server import free_port  # noqa: E402
+from megatron_mgrpo.parallel.ports import free_port  # noqa: E402
 
 TOKENS, VOCAB, PADDED = 2048, 151_646, 151_936
 

@@ -102,7 +102,7 @@ def main() -> None:
     from megatron_mgrpo.data.splits import build_splits
     from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
-    from megatron_mgrpo.rollout.server import free_port
+    from megatron_mgrpo.parallel.ports import free_port
     from megatron_mgrpo.warmstart import warm_start
 
     torch.set_num_threads(os.cpu_count())

@@ -24,7 +24,7 @@ def main() -> None:
     from megatron_mgrpo.models.provider import build_gpt_model
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
     from megatron_mgrpo.rollout.hf_engine import HFEngine
-    from megatron_mgrpo.rollout.server import free_port
+    from megatron_mgrpo.parallel.ports import free_port
     from megatron_mgrpo.sync.buckets import bucketize, unbucketize
     from megatron_mgrpo.sync.export import export_hf_weights
 

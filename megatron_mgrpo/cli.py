@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_mgrpo.config import load_config
-    from megatron_mgrpo.trainer import EMBEDDED_PRESET, train
+    from megatron_mgrpo.run import EMBEDDED_PRESET, train
 
     config_file = args.config or EMBEDDED_PRESET
     cfg = load_config(config_file, args.overrides)
@@ -254,14 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.data.records import DataError
     from megatron_mgrpo.convert import ConversionError
+    from megatron_mgrpo.data.records import DataError
     from megatron_mgrpo.launch import LaunchError
+    from megatron_mgrpo.models.loading import ModelLoadError
+    from megatron_mgrpo.quiet import quiet_third_party
     from megatron_mgrpo.train import CheckpointError
 
+    quiet_third_party()
     try:
         return args.run(args)
-    except (ConfigError, DataError, LaunchError, ConversionError, CheckpointError) as err:
+    except (ConfigError, DataError, LaunchError, ConversionError, CheckpointError, ModelLoadError) as err:
         print(f"mgrpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ and the tokenizer files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -54,18 +55,14 @@ class SafetensorsDir(Mapping):
         if index.is_file():
             self.files = {name: self.dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
+            with _opened(self.dir / "model.safetensors") as f:
                 self.files = {name: self.dir / "model.safetensors" for name in f.keys()}
         else:
             raise ConversionError(f"{self.dir} has neither model.safetensors nor model.safetensors.index.json "
                                   f"(only safetensors weights are converted)")
 
     def __getitem__(self, name: str):
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], "pt") as f:
+        with _opened(self.files[name]) as f:
             return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -76,13 +73,25 @@ class SafetensorsDir(Mapping):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, read from the file headers only."""
-        from safetensors import safe_open
-
         shapes = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(file, "pt") as f:
+            with _opened(file) as f:
                 shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         return shapes
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    """`safe_open(file)`, a truncated or corrupt file named in a ConversionError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(file, "pt")
+    except SafetensorError as err:
+        raise ConversionError(f"{file} cannot be read ({err}): the file is truncated or corrupt; copy or download "
+                              f"it again") from None
+    with handle:
+        yield handle
 
 
 def check_hf_dir(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1):
@@ -187,7 +196,7 @@ def hf_to_megatron_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 def _run_ranks(fn, world: int, *args) -> None:
     """`fn(rank, world, port, *args)` on `world` gloo ranks: in this process when there is one."""
-    from megatron_mgrpo.rollout.server import free_port
+    from megatron_mgrpo.parallel.ports import free_port
 
     if world == 1:
         fn(0, 1, free_port(), *args)
@@ -267,9 +276,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def megatron_to_hf_dir(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, momentum: bool = False,
                        max_shard_size: str = "5GB") -> Path:
     """Write an HF directory (weights in the config's dtype) from a checkpoint; returns `out_dir`."""
-    from megatron_mgrpo.train.checkpoint import FILES_DIR
+    from megatron_mgrpo.train.checkpoint import FILES_DIR, saved_common_state
 
     path = resolve_checkpoint(ckpt)
+    if momentum and "momentum" not in (parts := saved_common_state(path)["parts"]):
+        raise ConversionError(f"{path} holds no momentum copy (saved: model, {', '.join(parts) or 'nothing else'}): "
+                              f"drop --momentum to export the policy")
     if not (path / FILES_DIR / "config.json").is_file():
         raise ConversionError(f"{path / FILES_DIR / 'config.json'} does not exist: this checkpoint was saved "
                               f"without the HF config (save_checkpoint(files_from=...)), so the model "

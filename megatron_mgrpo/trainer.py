@@ -1,4 +1,4 @@
-"""The M-GRPO trainer: one step, top to bottom, and the run around it.
+"""The M-GRPO trainer: one step, top to bottom (the run around it is `megatron_mgrpo.run`).
 
     sample M from the policy pool and N from the momentum pool
     -> trainer log-probs and entropies of all G responses (Megatron, vocab-parallel; MoE routing
@@ -19,34 +19,24 @@ ablation switches `rollout.momentum_samples` / `algo.iqr_filter`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
 import math
-import os
-import signal
-import socket
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.algo import (aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty,
                                  policy_loss)
-from megatron_mgrpo.config import Config, to_yaml
+from megatron_mgrpo.config import Config
 from megatron_mgrpo.data.records import PromptRecord
+from megatron_mgrpo.evaluate import grade_prompts
+from megatron_mgrpo.parallel.collectives import broadcast_from_rank0
 from megatron_mgrpo.reward.extract import extract_answer
 from megatron_mgrpo.reward.labels import PromptGroup, make_label_source, pseudo_label_accuracy
 from megatron_mgrpo.reward.voting import vote
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
 from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
-
-
-#: the config `mgrpo train` runs without --config: the embedded CPU default
-EMBEDDED_PRESET = str(Path(__file__).parent / "presets" / "tiny_cpu.yaml")
 
 
 @dataclasses.dataclass
@@ -65,17 +55,18 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, prompts: list[PromptRecord],
                  eval_prompts: list[PromptRecord]):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from megatron_mgrpo.data.templates import PromptTemplate
         from megatron_mgrpo.models.hf_config import model_spec_from_hf
+        from megatron_mgrpo.models.loading import load_hf_model
         from megatron_mgrpo.train.policy import MegatronPolicy
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         self.m, self.n = cfg.samples_per_prompt()
         self.rank0 = dist.get_rank() == 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        hf_model = load_hf_model(model_dir)
         self.spec = model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp)
         self.policy = MegatronPolicy(self.spec, hf_model.state_dict(), cfg, momentum=True,
                                      reference=cfg.kl_anchor() == "reference", pad_id=self.tokenizer.pad_token_id)
@@ -96,71 +87,16 @@ class Trainer:
 
     def _start_rank0_services(self, hf_model) -> None:
         from megatron_mgrpo.reward.equivalence import AnswerGrader
-        from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
+        from megatron_mgrpo.rollout.build import build_pools
 
         cfg = self.cfg
-        policy = EnginePool("policy", self._engines("policy", hf_model))
-        momentum = EnginePool("momentum", self._engines("momentum")) if self.n else None
-        self.pools = RolloutPools(policy, momentum)
+        self.pools = build_pools(cfg, self.run_dir, self.model_dir, self.tokenizer, hf_model,
+                                 dtype=str(self.policy.dtype).removeprefix("torch."))
         self.grader = AnswerGrader(cfg.reward.verify_workers, cfg.reward.verify_timeout_s)
         gold = self.gold if cfg.reward.label_source == "gt" else None
         self.labels = make_label_source(cfg.reward.label_source, self.grader, threshold=cfg.reward.vote_threshold,
                                         ttrl_train_samples=cfg.reward.ttrl_train_samples, gold=gold,
                                         vote_pool=cfg.reward.vote_pool)
-
-    def _engines(self, pool: str, hf_model=None) -> list:
-        """The pool's engines: the servers a launcher started and named in `MGRPO_<POOL>_URLS`
-        (`mgrpo launch` does, one URL per engine), else one engine of our own. SGLang servers
-        synced through a weight group (rollout.weight_sync resolves to distributed) share one per
-        pool, `mgrpo-<pool>`: trainer rank 0 and the launch.rollout_tp GPUs of every server."""
-        from megatron_mgrpo.rollout.pools import URLS_ENV
-        from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
-        from megatron_mgrpo.rollout.weight_broadcast import trainer_broadcaster
-
-        urls = [url.strip() for url in os.environ.get(URLS_ENV[pool], "").split(",") if url.strip()]
-        if urls and self.cfg.rollout.engine == "hf":
-            raise ValueError(f"{URLS_ENV[pool]} names rollout servers, but rollout.engine=hf samples in-process: "
-                             f"set rollout.engine to the servers' kind (vllm or sglang), or unset {URLS_ENV[pool]}")
-        broadcaster = None
-        if urls and self.cfg.rollout.engine == "sglang" and weight_sync_mode(self.cfg) == "distributed":
-            broadcaster = trainer_broadcaster(f"mgrpo-{pool}", len(urls) * self.cfg.launch.rollout_tp,
-                                              remote=not all(map(_on_this_host, urls)))
-        return ([self._engine(pool, url=url, index=i, broadcaster=broadcaster) for i, url in enumerate(urls)]
-                or [self._engine(pool, hf_model)])
-
-    def _engine(self, name: str, hf_model=None, url: str | None = None, index: int = 0, broadcaster=None):
-        """A rollout engine on the starting weights: in-process, a vLLM / SGLang server started with
-        `launch.engine_python` (an environment that has the server installed), or the server at
-        `url` (engine `index` of its pool). Weights reach a server through files: shared memory on
-        this host, the run directory (a file system the cluster shares) for a server elsewhere;
-        but an SGLang server at `url` given its pool's `broadcaster` gets them through the pool's
-        weight group, its launch.rollout_tp ranks from 1 + index * launch.rollout_tp on."""
-        kind, python, logs = self.cfg.rollout.engine, self.cfg.launch.engine_python, self.run_dir / "logs"
-        server = {"url": url}
-        if url and not _on_this_host(url):
-            server["weights_dir"] = self.run_dir / "weight-sync"
-        if kind == "vllm":
-            from megatron_mgrpo.rollout.vllm_engine import VLLMEngine
-
-            return VLLMEngine(self.model_dir, python=python, log_dir=logs, name=name,
-                              dtype=str(self.policy.dtype).removeprefix("torch."),
-                              max_model_len=self.cfg.launch.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
-                              **server)
-        if kind == "sglang":
-            from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
-
-            if broadcaster is not None:
-                tp = self.cfg.launch.rollout_tp
-                server.update(weight_sync="distributed", tp_size=tp, broadcaster=broadcaster,
-                              rank_offset=1 + index * tp)
-            return SGLangEngine(self.model_dir, python=python, log_dir=logs, name=name,
-                                routed_experts=self.cfg.train.routing_replay, **server)
-        from transformers import AutoModelForCausalLM
-
-        from megatron_mgrpo.rollout.hf_engine import HFEngine
-
-        model = hf_model or AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        return HFEngine(model, self.tokenizer, routed_experts=self.cfg.train.routing_replay)
 
     # ------------------------------------------------------------------------------ the step
 
@@ -170,12 +106,12 @@ class Trainer:
         batch = self.batch_indices(step)
         with phase("rollout"):
             samples = self.sample(batch, step) if self.rank0 else None
-            sequences = _broadcast(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
+            sequences = broadcast_from_rank0(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
         with phase("logprobs"):
             scores = None if not self.score_first else self.policy.score(
                 sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")
         with phase("rewards"):
-            graded = _broadcast(self.rewards(batch, samples, scores) if self.rank0 else None)
+            graded = broadcast_from_rank0(self.rewards(batch, samples, scores) if self.rank0 else None)
         with phase("anchor"):  # monitoring only: how far the momentum model is from the policy
             anchor = self.anchor_metrics(sequences, scores, len(batch)) if self.anchor_due(step) else {}
         with phase("filter"):
@@ -350,11 +286,9 @@ class Trainer:
         sampling = SamplingParams(temperature=e.temperature or 1.0, top_k=-1 if e.temperature else 1,
                                   max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.train.seed)
         samples = getattr(self.pools, pool).generate(self.eval_ids, e.samples, sampling)
-        pairs = [[r.gold_answer] + [extract_answer(s.text, self.cfg.reward.extraction) for s in group]
-                 for group, r in zip(samples, self.eval_prompts)]
-        classes = self.grader.group_many(pairs)
-        correct = [c[0] is not None and answer == c[0] for c in classes for answer in c[1:]]
-        return sum(correct) / len(correct)
+        answers = [[extract_answer(s.text, self.cfg.reward.extraction) for s in group] for group in samples]
+        scores = grade_prompts(answers, [r.gold_answer for r in self.eval_prompts], self.grader)
+        return sum(s.correct for s in scores) / (e.samples * len(scores))
 
     def sync_weights(self, version: int) -> None:
         """Push the policy to the policy engines, and the momentum weights at their own interval.
@@ -389,16 +323,6 @@ def _train_sequences(samples: list[list[Sample]], routing: bool) -> TrainSequenc
                           routing=[s.routed_experts for s in flat] if routing else None)
 
 
-def _on_this_host(url: str) -> bool:
-    return urlsplit(url).hostname in _this_host_names()
-
-
-@functools.cache
-def _this_host_names() -> frozenset[str]:
-    """Looked up once: `getfqdn` may ask DNS, and every server URL is checked, some twice."""
-    return frozenset(("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()))
-
-
 def _filter_metrics(graded: Rewards, confident: torch.Tensor) -> dict[str, float]:
     """What the IQR filter dropped, against what it kept, among the responses that had a reward:
     their mean reward and gold correctness (monitoring: does it drop confident correct answers?)."""
@@ -420,158 +344,3 @@ def _split(count: int, parts: int) -> list[list[int]]:
     """`range(count)` in `parts` contiguous chunks (mini-batches of one rollout batch)."""
     bounds = [round(i * count / parts) for i in range(parts + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
-
-
-def _broadcast(value):
-    """`value` from rank 0 on every rank."""
-    if dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ---------------------------------------------------------------------------------- the run
-
-
-def train(cfg: Config, run_dir: Path, console=None) -> dict:
-    """Run M-GRPO (or a baseline) as `cfg` says, into `run_dir`; resumes from its newest complete
-    checkpoint. Returns the summary (on every rank)."""
-    from megatron_mgrpo import metrics as metrics_lib
-    from megatron_mgrpo.data.splits import build_splits
-    from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
-    from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
-    from megatron_mgrpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
-    from megatron_mgrpo.warmstart import warm_start
-
-    started = time.perf_counter()
-    p = cfg.parallel
-    init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, cp=p.cp, seed=cfg.train.seed)
-    rank0 = dist.get_rank() == 0
-    say = (console.print if console else print) if rank0 else (lambda *a, **k: None)
-    trainer = sink = None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if rank0:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        # rank 0 writes a builtin model (transformers' save_pretrained writes weights only on rank 0
-        # of an initialised process group, so other ranks would publish a directory without them)
-        model_dir = _broadcast(resolve_model_path(cfg.model.path) if rank0 else None)
-        splits = build_splits(cfg)  # before any expensive work: bad or overlapping data stops here
-        split_report = splits.report()
-        if rank0:
-            (run_dir / "splits.json").write_text(json.dumps(split_report, indent=2) + "\n")
-            say("data: " + ", ".join(f"{name} {size} ({split_report['sources'][name]})"
-                                     for name, size in split_report["sizes"].items() if size))
-        if cfg.warmstart.steps:
-            model_dir = warm_start(cfg, model_dir, default_cache_dir(), splits.warmstart, progress=say)
-        trainer = Trainer(cfg, run_dir, model_dir, splits.rl, splits.eval)
-        policy, start, state = trainer.policy, 0, {}
-        loaded = load_latest_checkpoint(run_dir, [policy.model], optimizer=policy.optimizer,
-                                        scheduler=policy.scheduler, momentum=policy.momentum.state_dict(),
-                                        say=say) if cfg.checkpoint.resume else None
-        if loaded is not None:
-            start, state = loaded.step, loaded.common
-            say(f"resumed from {loaded.path} (step {start})")
-        earlier_seconds = state.get("wall_seconds", 0.0)  # of the processes before this one, up to the checkpoint
-        trainer.sync_weights(start)  # also servers a launcher started from model.path get the weights we start from
-        state["momentum_shard_mib"] = round(policy.momentum.nbytes / 2**20, 2)  # rank 0's fp32 EMA shards
-        if rank0:
-            sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
-                                           wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg),
-                                           console=console, tensorboard=cfg.log.tensorboard)
-            if start == 0 and trainer.eval_prompts:
-                state["initial_true_accuracy"] = trainer.true_accuracy()
-            sink.timer.take()  # set-up time is not step 0's
-        preempted = _PreemptionRequest()
-        for step in range(start, cfg.train.steps):
-            phase = sink.phase if rank0 else (lambda name: contextlib.nullcontext())
-            record = trainer.step(step, phase)
-            stopping = preempted.agreed()
-            last = step == cfg.train.steps - 1 or stopping
-            if rank0:
-                if (step + 1) % cfg.eval.interval == 0 or last:
-                    with phase("eval"):
-                        record["accuracy/true"] = trainer.true_accuracy()
-                        if trainer.n:
-                            record["accuracy/true_momentum"] = trainer.true_accuracy("momentum")
-                alarm = metrics_lib.collapse_alarm([*sink.history, record])
-                record["alarm/collapse"] = float(alarm.alarm)
-                sink.log(step, record, tokens=record["generated_tokens"])
-            if (step + 1) % cfg.checkpoint.interval == 0 or last:
-                state["wall_seconds"] = earlier_seconds + time.perf_counter() - started
-                state = _broadcast(state)
-                save_checkpoint(run_dir, step + 1, [policy.model], optimizer=policy.optimizer,
-                                scheduler=policy.scheduler, momentum=policy.momentum.state_dict(), common=state,
-                                keep_last=cfg.checkpoint.keep_last, files_from=model_dir)
-            if stopping:
-                say(f"preempted: checkpoint of step {step + 1} saved; the same command resumes from it")
-                return {}
-        export_hf(trainer, run_dir / "hf")
-        summary = {}
-        if rank0:
-            history = sink.history
-            sink.close()
-            sink = None
-            summary = summarize(cfg, run_dir, state, history, earlier_seconds + time.perf_counter() - started,
-                                split_report)
-            metrics_lib.plot_metrics(run_dir)
-            metrics_lib.print_summary(summary, console)
-        return _broadcast(summary)
-    finally:
-        if sink is not None:
-            sink.close()
-        if trainer is not None:
-            trainer.close()
-        destroy_distributed()
-
-
-class _PreemptionRequest:
-    """SIGUSR1 (Slurm's warning before preemption or the time limit) asks for a checkpoint at the
-    end of the current step and a clean exit; the ranks agree on it, so they stop together."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGUSR1, self._request)
-
-    def _request(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([float(self.requested)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def export_hf(trainer: Trainer, out: Path) -> None:
-    """The policy and the momentum model as loadable HF directories (`out/policy`, `out/momentum`)."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_mgrpo.models.weight_map import load_checkpoint_tensors
-
-    for which in ("policy", "momentum"):
-        weights = dict(trainer.policy.hf_weights(which))
-        if dist.get_rank() == 0:
-            model = AutoModelForCausalLM.from_pretrained(trainer.model_dir, dtype=torch.float32)
-            load_checkpoint_tensors(model, weights)
-            model.save_pretrained(out / which)
-            trainer.tokenizer.save_pretrained(out / which)
-
-
-def summarize(cfg: Config, run_dir: Path, state: dict, history: list[dict], wall_seconds: float,
-              splits: dict) -> dict:
-    accuracies = [r["accuracy/true"] for r in history if r.get("accuracy/true") is not None]
-    momentum = [r["accuracy/true_momentum"] for r in history if r.get("accuracy/true_momentum") is not None]
-    alarmed = [r["step"] for r in history if r.get("alarm/collapse")]
-    summary = {"label_source": cfg.reward.label_source, "steps": len(history),
-               "initial_true_accuracy": state.get("initial_true_accuracy"),
-               "final_true_accuracy": accuracies[-1] if accuracies else None,
-               "best_true_accuracy": max(accuracies) if accuracies else None,
-               "final_momentum_true_accuracy": momentum[-1] if momentum else None,
-               "final_reward": history[-1].get("reward/mean") if history else None,
-               "collapse_alarm": bool(alarmed), "collapse_alarm_first_step": alarmed[0] if alarmed else None,
-               "momentum_shard_mib": state.get("momentum_shard_mib"),
-               "wall_seconds": round(wall_seconds, 1), "splits": splits}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary

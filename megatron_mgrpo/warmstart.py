@@ -63,11 +63,12 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, records: list[Pro
     Runs inside an initialised distributed job (any TP / PP / DP); rank 0 writes the directory.
     """
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from megatron_mgrpo.data.templates import PromptTemplate
     from megatron_mgrpo.models.builtin import save_hf_directory
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
+    from megatron_mgrpo.models.loading import load_hf_model
     from megatron_mgrpo.models.weight_map import load_checkpoint_tensors
     from megatron_mgrpo.train.policy import MegatronPolicy
 
@@ -83,7 +84,7 @@ def warm_start(cfg: Config, model_dir: Path, cache_root: Path, records: list[Pro
         lr_warmup_steps=min(20, settings.steps // 10), updates_per_rollout=1, weight_decay=0.0,
         routing_replay=False))  # supervised sequences come from no engine: the router routes freely
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf_model = load_hf_model(model_dir)
     template = PromptTemplate(tokenizer, cfg.data.template, cfg.data.few_shot, records, cfg.data.seed)
     policy = MegatronPolicy(model_spec_from_hf(hf_model.config, tp=cfg.parallel.tp), hf_model.state_dict(),
                             sft_cfg, momentum=False, pad_id=tokenizer.pad_token_id)

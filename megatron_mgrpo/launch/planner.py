@@ -100,7 +100,7 @@ class Plan:
 
 def check_layout(cfg: Config, shape: ModelShape) -> Layout:
     """Every constraint between the cluster, the parallel sizes, the model and the batch."""
-    _check_model_split(cfg, shape)
+    check_model_split(cfg, shape)
     train_nodes, rollout_nodes = _split_nodes(cfg)
     world = train_nodes * cfg.launch.gpus_per_node
     par = cfg.parallel
@@ -115,7 +115,7 @@ def check_layout(cfg: Config, shape: ModelShape) -> Layout:
                   per_update, micro)
 
 
-def _check_model_split(cfg: Config, shape: ModelShape) -> None:
+def check_model_split(cfg: Config, shape: ModelShape) -> None:
     par = cfg.parallel
     rules = [
         (shape.num_heads % par.tp, f"parallel.tp={par.tp} must divide the {shape.num_heads} attention heads"),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.parallel.cpu_compat import apply_cpu_compat
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.parallel.threads import confine_intra_op_threads
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -43,13 +43,7 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
         return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]), port)
     # a lone process rendezvouses with itself: any free port, so that several runs can share a machine
-    return Launch(0, 1, 0, "127.0.0.1", port if "MASTER_PORT" in env else _free_local_port())
-
-
-def _free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return Launch(0, 1, 0, "127.0.0.1", port if "MASTER_PORT" in env else free_port())
 
 
 def first_slurm_host(nodelist: str) -> str:

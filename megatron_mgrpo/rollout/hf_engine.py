@@ -75,10 +75,11 @@ class HFEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         **kwargs) -> HFEngine:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(path), **kwargs)
+        from megatron_mgrpo.models.loading import load_hf_model
+
+        return cls(load_hf_model(path, dtype).to(device), AutoTokenizer.from_pretrained(path), **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,22 +16,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on `host` and that this process has not handed out
-    before: the OS may offer a just-released port again, so two servers set up before either
-    binds would get the same one, and the second would find the first answering on it."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 class ServerError(RuntimeError):

@@ -59,7 +59,8 @@ import httpx
 import torch
 
 from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
-from megatron_mgrpo.rollout.server import RemoteServer, ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import RemoteServer, ServerError, ServerProcess, ServerSpec
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 from megatron_mgrpo.sync.buckets import DEFAULT_BUCKET_BYTES, bucketize

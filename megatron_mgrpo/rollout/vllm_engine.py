@@ -27,7 +27,8 @@ import torch
 
 import megatron_mgrpo
 from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
-from megatron_mgrpo.rollout.server import RemoteServer, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import RemoteServer, ServerProcess, ServerSpec
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.types import Sample
 from megatron_mgrpo.sync.buckets import tensor_checksums
 

@@ -138,6 +138,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_chunks, *, opti
     return final
 
 
+def saved_common_state(path: str | Path) -> dict[str, Any]:
+    """What save_checkpoint recorded beside the tensors: step, layout, the parts saved (model,
+    optimizer, scheduler, momentum) and the caller's `common` mapping (under "user")."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))["common"]
+    except Exception as err:
+        raise UnreadableCheckpoint(f"cannot read {path}: its common state (common.pt): {_last_line(err)}") from err
+
+
 def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, scheduler=None,
                     momentum: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None = None,
                     load_model: bool = True, restore_rng: bool = True) -> LoadedCheckpoint:
@@ -155,10 +166,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}); "
                                 f"use latest_checkpoint(run_dir) to find the newest complete one")
-    try:
-        saved = dist_checkpointing.load_common_state_dict(str(path))["common"]
-    except Exception as err:
-        raise UnreadableCheckpoint(f"cannot read {path}: its common state (common.pt): {_last_line(err)}") from err
+    saved = saved_common_state(path)
     for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("momentum", momentum)):
         if part is not None and name not in saved["parts"]:
             raise ValueError(f"{path} was saved without the {name}: load it without `{name}=`")

@@ -30,6 +30,7 @@ from megatron_mgrpo.algo import momentum_at
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.models.hf_config import ModelSpec
 from megatron_mgrpo.models.rows import RowHooks
+from megatron_mgrpo.parallel.collectives import broadcast_from_last_stage, gather_from_data_parallel_ranks
 from megatron_mgrpo.sync.export import export_hf_weights
 from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, attention_pair_cost, collate,
                                           data_parallel_share, micro_batches, pack_by_tokens, row_width,
@@ -143,7 +144,7 @@ class MegatronPolicy:
         groups = pack_by_tokens(widths, budget)
         routing_shape = (self.spec.num_layers, self.spec.moe_topk) if self.replay is not None else None
         shapes = [(len(group), max(widths[i] for i in group)) for group in groups]
-        plans = _from_every_data_parallel_rank(shapes)
+        plans = gather_from_data_parallel_ranks(shapes)
         plan = [tuple(max(p[i][d] for p in plans if i < len(p)) for d in (0, 1))
                 for i in range(max(map(len, plans)))]
         return share, [collate(mine, [rows[r] for r in groups[i]] if i < len(groups) else [], self.pad_id,
@@ -181,7 +182,7 @@ class MegatronPolicy:
             results = [item for out in self._run(batches, per_sequence, forward_only=True) for item in out]
         self.model.train()
         mine = {share[index]: scored for index, scored in results}
-        parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(mine))
+        parts = gather_from_data_parallel_ranks(broadcast_from_last_stage(mine))
         everything = {k: v for part in parts for k, v in part.items()}
         ordered = [everything[i] for i in range(len(sequences))]
         return Scores([lp for lp, _, _ in ordered], [h for _, h, _ in ordered],
@@ -232,7 +233,7 @@ class MegatronPolicy:
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         # objects, not one tensor: a rank without sequences has no stat names
-        parts = _from_every_data_parallel_rank(_broadcast_from_last_stage(totals))
+        parts = gather_from_data_parallel_ranks(broadcast_from_last_stage(totals))
         totals = {name: sum(part.get(name, 0.0) for part in parts) for name in set().union(*parts)}
         units = max(totals.pop("units", 0.0), 1.0)
         entropy = totals.pop("entropy_sum", math.nan) / max(totals.pop("sequences", 0.0), 1.0)
@@ -300,27 +301,3 @@ def prompt_sharing(mode: str, spec: ModelSpec) -> float | None:
                           "set train.prompt_sharing=auto or never")
     mlp = spec.moe_topk * spec.moe_ffn_hidden_size if spec.num_experts else spec.ffn_hidden_size
     return attention_pair_cost(spec.hidden_size, spec.num_heads, spec.head_dim, spec.num_query_groups, mlp)
-
-
-def _from_every_data_parallel_rank(value) -> list:
-    """`value` of every data-parallel rank of this model shard, in rank order."""
-    from megatron.core import parallel_state as ps
-
-    size = ps.get_data_parallel_world_size()
-    if size == 1:
-        return [value]
-    parts = [None] * size
-    dist.all_gather_object(parts, value, group=ps.get_data_parallel_group())
-    return parts
-
-
-def _broadcast_from_last_stage(value):
-    """`value` from the last pipeline stage of this rank's pipeline, on every stage of it."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-    return box[0]

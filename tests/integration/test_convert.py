@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from megatron_mgrpo.cli import main
 from megatron_mgrpo.convert import SafetensorsDir
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 from tests.unit.models.test_weight_map import tiny
 
 REPO = Path(__file__).resolve().parents[2]

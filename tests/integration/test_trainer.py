@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 
 from megatron_mgrpo.config import load_config
 from megatron_mgrpo.metrics import read_metrics
-from megatron_mgrpo.rollout.server import free_port
-from megatron_mgrpo.trainer import EMBEDDED_PRESET
+from megatron_mgrpo.parallel.ports import free_port
+from megatron_mgrpo.run import EMBEDDED_PRESET
 
 SMALL = ["train.steps=2", "train.prompts_per_step=4", "rollout.group_size=6", "rollout.momentum_samples=2",
          "rollout.max_new_tokens=8", "warmstart.steps=30", "eval.prompts=8", "eval.interval=1",
@@ -41,7 +41,7 @@ def run_cli(out, *overrides, check=True):
 
 
 def _spawned_train(rank, world, port, overrides, out):
-    from megatron_mgrpo.trainer import train
+    from megatron_mgrpo.run import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

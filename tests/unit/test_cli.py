@@ -91,13 +91,13 @@ def test_unreadable_data_files_name_the_file(tmp_path, capsys):
 
 
 def test_a_run_none_of_whose_checkpoints_loads_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    import megatron_mgrpo.trainer
+    import megatron_mgrpo.run
     from megatron_mgrpo.train import CheckpointError
 
     def train(cfg, out):
         raise CheckpointError(f"no checkpoint of {out} loads (cannot read {out}/checkpoints/step_000010: ...)")
 
-    monkeypatch.setattr(megatron_mgrpo.trainer, "train", train)
+    monkeypatch.setattr(megatron_mgrpo.run, "train", train)
     assert main(["train", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mgrpo train: error: no checkpoint of ") and "Traceback" not in "".join(err)

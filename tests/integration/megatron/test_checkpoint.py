@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 from tests.integration.megatron.test_logits_vs_hf import full_logits
 from tests.unit.models.test_weight_map import tiny
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 from tests.unit.models.test_weight_map import tiny
 
 # (architecture, tied embeddings): Llama with Llama-3 RoPE scaling, Qwen2 (qkv bias), Qwen3 (q/k norm)

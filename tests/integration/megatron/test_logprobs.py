@@ -5,7 +5,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.algo import entropy_from_logits, self_certainty_from_logits
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 
 VOCAB, PADDED = 101, 128  # the last 27 columns only pad the vocabulary
 

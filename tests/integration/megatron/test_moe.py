@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 from tests.integration.megatron.test_logits_vs_hf import check_logits
 from tests.unit.models.test_weight_map import tiny
 

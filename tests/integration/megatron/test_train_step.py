@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 from megatron_mgrpo.algo import policy_loss
 from megatron_mgrpo.config import load_config
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.train.batching import TrainSequences
 from tests.unit.models.test_weight_map import tiny
 

@@ -9,7 +9,7 @@ from megatron_mgrpo.data import DataError, PromptRecord
 from megatron_mgrpo.data.splits import (BUILTIN_INTERVALS, build_splits, builtin_split, fingerprint, hash_position,
                                         normalize_question, overlap, question_key)
 from megatron_mgrpo.data.synthetic import TASKS
-from megatron_mgrpo.trainer import EMBEDDED_PRESET
+from megatron_mgrpo.run import EMBEDDED_PRESET
 
 
 def records(*questions, answer="1"):

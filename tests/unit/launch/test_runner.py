@@ -4,7 +4,7 @@ import httpx
 
 from megatron_mgrpo.launch.render import Engine, Step
 from megatron_mgrpo.launch.runner import run_steps
-from megatron_mgrpo.rollout.server import free_port
+from megatron_mgrpo.parallel.ports import free_port
 
 # A stand-in rollout server: answers 200 on every GET, so /health passes.
 SERVER = ("import http.server, sys\n"

@@ -52,7 +52,7 @@ def test_a_helper_thread_starts_an_openmp_team_of_its_own_unless_confined():
 
 @pytest.mark.slow  # a fresh interpreter importing megatron-core
 def test_gloo_worker_threads_start_no_openmp_team_after_init_distributed():
-    from megatron_mgrpo.rollout.server import free_port
+    from megatron_mgrpo.parallel.ports import free_port
 
     threads, extra = _run(GLOO_ALL_GATHER.format(port=free_port()))
     assert (threads, extra) == ("2", "0")

@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
+from megatron_mgrpo.parallel.ports import free_port
 
 FAKE_SERVER = textwrap.dedent("""
     import http.server, os, subprocess, sys, time

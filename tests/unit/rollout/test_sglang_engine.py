@@ -13,7 +13,8 @@ import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
 from megatron_mgrpo.rollout.pools import EnginePool
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.sglang_engine import (DistributedPoolPush, SGLangEngine, generate_payload,
                                                   init_group_payload, parse_generate_reply)
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster

@@ -13,7 +13,8 @@ import torch
 from megatron_mgrpo.config import ConfigError, load_config
 from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
 from megatron_mgrpo.rollout.weight_broadcast import rank0_address, trainer_broadcaster
 from megatron_mgrpo.trainer import Trainer
