@@ -12,9 +12,9 @@ import torch
 
 from megatron_mgrpo.config import ConfigError, load_config
 from megatron_mgrpo.rollout import SamplingParams
+from megatron_mgrpo.rollout.pool_push import pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
 from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec, free_port
-from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
 from megatron_mgrpo.rollout.weight_broadcast import rank0_address, trainer_broadcaster
 from megatron_mgrpo.trainer import Trainer
 
@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).parents[3] / "examples" / "configs"
 
 
 def mode(*overrides, path=None):
-    return weight_sync_mode(load_config(path, list(overrides)))
+    return load_config(path, list(overrides)).sglang_weight_sync()
 
 
 def test_auto_is_distributed_only_for_disaggregated_sglang():
@@ -94,7 +94,7 @@ def test_trainer_attaches_disaggregated_sglang_servers_through_one_weight_group(
     one = SamplingParams(max_new_tokens=1)
     with servers[0], servers[1]:
         engines = trainer._engines("policy")
-        pool = EnginePool("policy", engines)
+        pool = EnginePool("policy", engines, push=pool_weight_push(engines))
         trainer.pools = RolloutPools(pool)
         broadcaster = engines[0].broadcaster
         assert [(e.weight_sync, e.broadcaster, e.rank_offset) for e in engines] == [
