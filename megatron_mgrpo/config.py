@@ -298,6 +298,17 @@ class Config:
             return {"initial": "reference", "momentum": "momentum"}[self.algo.kl_reference]
         return "reference" if self.log.drift else None
 
+    def sglang_weight_sync(self) -> str:
+        """`rollout.weight_sync` with `auto` decided: "distributed" for SGLang servers on nodes of
+        their own (launch.placement=disaggregated), where a file per push would cross the shared
+        file system with the whole model every step; "disk" otherwise (shared memory on this host).
+        A setting derived from the config alone, like `samples_per_prompt`: the trainer reads it
+        to decide whether a pool's servers share a weight group, before any engine exists."""
+        if self.rollout.weight_sync != "auto":
+            return self.rollout.weight_sync
+        disaggregated = self.rollout.engine == "sglang" and self.launch.placement == "disaggregated"
+        return "distributed" if disaggregated else "disk"
+
 
 # --------------------------------------------------------------------------------------------
 # loading

@@ -12,14 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def trajectory_entropy(token_entropy: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean token entropy over each response's tokens: [B, T] -> [B]; NaN for an empty response."""
-    valid = response_mask.bool()
-    tokens = valid.sum(-1)
-    total = torch.where(valid, token_entropy, 0).sum(-1)
-    return torch.where(tokens > 0, total / tokens.clamp(min=1), torch.nan)
-
-
 def iqr_threshold(entropy: torch.Tensor, k: float = 0.75) -> torch.Tensor:
     """T = Q1 - k (Q3 - Q1) per prompt over the G trajectories of `entropy` [P, G] -> [P] (float64).
 
@@ -49,15 +41,3 @@ def iqr_keep_mask(entropy: torch.Tensor, k: float = 0.75) -> torch.Tensor:
     """
     return entropy.double() >= iqr_threshold(entropy, k)[:, None]  # NaN compares False
 
-
-def drop_stats(keep: torch.Tensor, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of a filter decision (pass `keep[:, :M]`, `entropy[:, :M]` for the trained part).
-
-    dropped: how many responses were dropped; dropped_fraction: of all responses;
-    dropped_empty: how many of those were dropped for having no tokens (NaN entropy) rather than
-    for low entropy. Tensors, so that logging them does not force a device sync here.
-    """
-    dropped = ~keep
-    return {"dropped": dropped.sum(),
-            "dropped_fraction": dropped.float().mean(),
-            "dropped_empty": (dropped & entropy.isnan()).sum()}

@@ -24,11 +24,12 @@ def build_pools(cfg: Config, run_dir: Path, model_dir: Path, tokenizer, hf_model
     """The policy pool on `hf_model`'s weights (in-process) or `model_dir`'s, and the momentum pool
     when the label source samples from it; `dtype` is the trainer's parameter dtype."""
     build = functools.partial(_pool, cfg, run_dir, model_dir, tokenizer, dtype)
-    m, n = cfg.samples_per_prompt()
-    return RolloutPools(build("policy", hf_model), build("momentum") if n else None)
+    momentum_samples = cfg.samples_per_prompt()[1]
+    return RolloutPools(build("policy", hf_model), build("momentum") if momentum_samples else None)
 
 
 def _pool(cfg: Config, run_dir: Path, model_dir: Path, tokenizer, dtype: str, name: str, hf_model=None) -> EnginePool:
+    from megatron_mgrpo.rollout.pool_push import pool_weight_push
     from megatron_mgrpo.rollout.weight_broadcast import trainer_broadcaster
 
     urls = [url.strip() for url in os.environ.get(URLS_ENV[name], "").split(",") if url.strip()]

@@ -8,10 +8,12 @@ version, makes the provenance of every sample checkable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
-from megatron_mgrpo.rollout.sglang_engine import DistributedPoolPush, SGLangEngine
+import torch
+
 from megatron_mgrpo.rollout.types import RolloutEngine, Sample, SamplingParams
 
 #: How a launcher that started the servers itself tells the trainer where each pool is:
@@ -19,21 +21,32 @@ from megatron_mgrpo.rollout.types import RolloutEngine, Sample, SamplingParams
 URLS_ENV = {"policy": "MGRPO_POLICY_URLS", "momentum": "MGRPO_MOMENTUM_URLS"}
 
 
+class GroupPush(Protocol):
+    """One push to several engines together (`rollout.pool_push.DistributedPoolPush`: SGLang
+    servers sharing a weight group, one broadcast per bucket for all of them)."""
+
+    engines: list[RolloutEngine]
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+
 class EnginePool:
     """Several engines holding the same weights; prompts are spread over them evenly.
 
-    SGLang servers synced through a weight group (weight_sync='distributed') share one group per
-    pool, so `update_weights` reaches them all with one broadcast per bucket (`group_push`).
+    How new weights reach the engines is given, not chosen here, so that the pool knows no
+    concrete engine: `push` (from `rollout.pool_push.pool_weight_push`, for SGLang servers that
+    share a weight group) updates the engines it covers together, and every other engine is
+    updated on its own.
     """
 
-    def __init__(self, name: str, engines: Sequence[RolloutEngine]):
+    def __init__(self, name: str, engines: Sequence[RolloutEngine], push: GroupPush | None = None):
         if not engines:
             raise ValueError(f"the {name} pool needs at least one engine")
         self.name = name
         self.engines = list(engines)
-        grouped = [engine for engine in self.engines
-                   if isinstance(engine, SGLangEngine) and engine.weight_sync == "distributed"]
-        self.group_push = DistributedPoolPush(grouped) if grouped else None
+        if push is not None and any(engine not in self.engines for engine in push.engines):
+            raise ValueError(f"the {name} pool's group push covers engines that are not in the pool")
+        self.group_push = push
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt, returned per prompt in input order."""

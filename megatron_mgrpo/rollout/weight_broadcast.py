@@ -22,17 +22,11 @@ import torch
 import torch.distributed as dist
 
 
-def join_weight_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                      backend: str, timeout_s: float = 600.0) -> dist.ProcessGroup:
-    """Join (rank 0: create) the group; blocks until all `world_size` ranks have joined."""
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
-    return _group_on_store(store, rank, world_size, group_name, backend, timeout)
-
-
-def _group_on_store(store: dist.Store, rank: int, world_size: int, group_name: str, backend: str,
-                    timeout: timedelta) -> dist.ProcessGroup:
-    """The backend's group over `store`; blocks until all ranks are in.
+def group_on_store(store: dist.Store, rank: int, world_size: int, group_name: str, backend: str,
+                   timeout: timedelta) -> dist.ProcessGroup:
+    """The backend's group over `store`; blocks until all ranks are in. Public because every
+    rank must build the group this way: rank 0 here (`WeightBroadcaster.connect`), and any
+    stand-in for a server rank (the tests' fake SGLang server) over a client of rank 0's store.
 
     torch has no public call for a group outside the default world with its own store, so this
     uses `_new_process_group_helper`, the constructor `init_process_group` itself uses; the
@@ -102,8 +96,8 @@ class WeightBroadcaster:
     def connect(self) -> None:
         """Form the group; call while the servers are being asked to join (it blocks until they do)."""
         self.listen()
-        self.group = _group_on_store(self._store, 0, self.world_size, self.group_name, self.backend,
-                                     timedelta(seconds=self.timeout_s))
+        self.group = group_on_store(self._store, 0, self.world_size, self.group_name, self.backend,
+                                    timedelta(seconds=self.timeout_s))
 
     def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
         """Send each tensor to all server ranks, in the order the update request named them."""

@@ -3,6 +3,7 @@ import torch
 
 from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.rollout.hf_engine import HFEngine
+from megatron_mgrpo.rollout.pool_push import pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
 
 from .test_hf_engine import teacher_forced_logprobs
@@ -48,3 +49,28 @@ def test_momentum_samples_without_a_momentum_pool_is_an_error(make_tiny_qwen3, t
         pools.sample([[5]], m=2, n=1, sampling=SamplingParams(max_new_tokens=2))
     policy, momentum = pools.sample([[5]], m=2, n=0, sampling=SamplingParams(max_new_tokens=2))
     assert len(policy[0]) == 2 and momentum == [[]]
+
+
+class Recorder:
+    """Stands in for an engine or a group push: records the versions it was pushed."""
+
+    def __init__(self, engines=()):
+        self.engines, self.pushed = list(engines), []
+
+    def update_weights(self, named_tensors, version):
+        self.pushed.append((dict(named_tensors), version))
+
+    push = update_weights
+
+
+def test_a_group_push_updates_its_engines_together_and_the_others_one_by_one():
+    alone, grouped = Recorder(), [Recorder(), Recorder()]
+    group = Recorder(grouped)
+    EnginePool("policy", [grouped[0], alone, grouped[1]], push=group).update_weights(lambda: iter([("w", 1)]), 4)
+    assert alone.pushed == group.pushed == [({"w": 1}, 4)] and grouped[0].pushed == grouped[1].pushed == []
+    with pytest.raises(ValueError, match="covers engines that are not in the pool"):
+        EnginePool("momentum", [alone], push=group)
+
+
+def test_only_sglang_servers_in_a_weight_group_get_a_group_push(make_tiny_qwen3, tokenizer):
+    assert pool_weight_push([HFEngine(make_tiny_qwen3(), tokenizer)]) is None

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
+from megatron_mgrpo.rollout.pool_push import DistributedPoolPush, pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.parallel.ports import free_port
-from megatron_mgrpo.rollout.sglang_engine import (DistributedPoolPush, SGLangEngine, generate_payload,
-                                                  init_group_payload, parse_generate_reply)
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
+from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
+from megatron_mgrpo.rollout.sglang_protocol import generate_payload, init_group_payload, parse_generate_reply
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 
 FAKE = Path(__file__).parent / "fake_sglang"
@@ -174,7 +175,7 @@ def test_a_pool_shares_one_weight_group_and_broadcasts_each_bucket_once(tmp_path
             (directory / "model").mkdir(parents=True)
             engines.append(make_engine(directory, weight_sync="distributed", broadcaster=broadcaster,
                                        rank_offset=1 + i, bucket_bytes=16))
-        pool = EnginePool("policy", engines)
+        pool = EnginePool("policy", engines, push=pool_weight_push(engines))
 
         def generated():
             samples = [s for group in pool.generate([[1], [2], [3]], 1, SamplingParams(max_new_tokens=1))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron_mgrpo.rollout import SamplingParams
-from megatron_mgrpo.rollout.sglang_engine import (distributed_update_payload, generate_payload, init_group_payload,
-                                                  tensor_update_payload)
+from megatron_mgrpo.rollout.sglang_protocol import (distributed_update_payload, generate_payload, init_group_payload,
+                                                    tensor_update_payload)
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 
 SGLANG_PYTHON = os.environ.get("MGRPO_SGLANG_PYTHON")

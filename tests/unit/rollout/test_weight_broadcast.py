@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster, join_weight_group
+from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
+from tests.unit.rollout.fake_sglang.weight_group import join_weight_group
 
 GROUP = "mgrpo_weights_test"
 #: spawned children import torch before they join: slow on a loaded machine, and only ever waited for

@@ -12,10 +12,9 @@ import torch
 
 from megatron_mgrpo.config import ConfigError, load_config
 from megatron_mgrpo.rollout import SamplingParams
-from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.parallel.ports import free_port
-from megatron_mgrpo.rollout.sglang_engine import weight_sync_mode
+from megatron_mgrpo.rollout.build import build_pools
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.rollout.weight_broadcast import rank0_address, trainer_broadcaster
 from megatron_mgrpo.trainer import Trainer
 
@@ -24,7 +23,7 @@ EXAMPLES = Path(__file__).parents[3] / "examples" / "configs"
 
 
 def mode(*overrides, path=None):
-    return weight_sync_mode(load_config(path, list(overrides)))
+    return load_config(path, list(overrides)).sglang_weight_sync()
 
 
 def test_auto_is_distributed_only_for_disaggregated_sglang():
@@ -89,14 +88,16 @@ def test_trainer_attaches_disaggregated_sglang_servers_through_one_weight_group(
     (tmp_path / "model").mkdir()
     servers = [launched_server(tmp_path, "a"), launched_server(tmp_path, "b")]
     monkeypatch.setenv("MGRPO_POLICY_URLS", ",".join(server.spec.url for server in servers))
-    trainer = Trainer.__new__(Trainer)  # only what `_engines` and `close` read: no model, no Megatron
-    trainer.cfg = load_config(overrides=["rollout.engine=sglang", "launch.placement=disaggregated"])
-    trainer.run_dir, trainer.model_dir, trainer.grader = tmp_path / "run", tmp_path / "model", None
+    trainer = Trainer.__new__(Trainer)  # only what `close` reads: no model, no Megatron
+    cfg = load_config(overrides=["rollout.engine=sglang", "launch.placement=disaggregated",
+                                 "reward.label_source=srt"])  # srt: the policy pool alone
+    trainer.grader = None
     one = SamplingParams(max_new_tokens=1)
     with servers[0], servers[1]:
-        engines = trainer._engines("policy")
-        pool = EnginePool("policy", engines)
-        trainer.pools = RolloutPools(pool)
+        trainer.pools = build_pools(cfg, tmp_path / "run", tmp_path / "model", tokenizer=None, hf_model=None,
+                                    dtype="float32")
+        pool = trainer.pools.policy
+        engines = pool.engines
         broadcaster = engines[0].broadcaster
         assert [(e.weight_sync, e.broadcaster, e.rank_offset) for e in engines] == [
             ("distributed", broadcaster, 1), ("distributed", broadcaster, 2)]

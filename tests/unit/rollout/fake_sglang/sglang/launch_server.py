@@ -62,7 +62,7 @@ def load_from_disk(body):
 def join_group(body):
     """Join as the server's only rank (TP rank 0) at `rank_offset`; refused as SGLang would
     (400, success false) for a group it cannot join, e.g. one whose name it already holds."""
-    from megatron_mgrpo.rollout.weight_broadcast import join_weight_group
+    from weight_group import join_weight_group  # beside this package, on the same PYTHONPATH
 
     rank, world_size = body["rank_offset"], body["world_size"]
     if State.tp_size != 1 or not 1 <= rank < world_size or body.get("backend", "nccl") != "gloo":
