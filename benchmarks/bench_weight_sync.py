@@ -11,8 +11,8 @@ Run: python benchmarks/bench_weight_sync.py
 import os
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 from timing import median_seconds
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 
 class _Tokenizer:
@@ -23,8 +23,8 @@ def main() -> None:
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.models.provider import build_gpt_model
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
-    from megatron_mgrpo.rollout.hf_engine import HFEngine
     from megatron_mgrpo.parallel.ports import free_port
+    from megatron_mgrpo.rollout.hf_engine import HFEngine
     from megatron_mgrpo.sync.buckets import bucketize, unbucketize
     from megatron_mgrpo.sync.export import export_hf_weights
 

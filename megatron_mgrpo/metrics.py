@@ -54,7 +54,8 @@ PLOTS = (
     ("response_length", "Response length", ("response/length_mean",), "tokens"),
     ("anchor", "Momentum anchor", ("anchor/flip_rate", "anchor/kl", "label/agreement"), "value"),
     ("votes", "Votes equal to gold", ("vote/policy_correct", "vote/momentum_correct", "vote/label_correct"), "share"),
-    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "kl/mean", "alarm/collapse"), "value"),
+    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "kl/mean", "alarm/collapse"),
+     "value"),
 )
 
 

@@ -19,7 +19,8 @@ KNOWN_WARNINGS = [
     (UserWarning, "full scope is deprecated"),  # megatron's own default cuda_graph_scope
     (UserWarning, "When using async grad allreduce it is recommended to set the environment variable "
                   "CUDA_DEVICE_MAX_CONNECTIONS"),
-    (UserWarning, "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"),  # megatron's optimizer
+    # megatron's optimizer looking for main_grad on every parameter
+    (UserWarning, "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (FutureWarning, "`past_key_values` is deprecated"),  # transformers' generate calling its own model
     # megatron-core's distributed optimizer calling collectives torch 2.13 renamed
     (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated"),
@@ -28,7 +29,8 @@ KNOWN_WARNINGS = [
 ]
 
 #: loggers whose INFO / WARNING lines are megatron's or transformers' bookkeeping
-KNOWN_LOGGERS = ["megatron.core.rerun_state_machine", "megatron.core.utils", "megatron.core.num_microbatches_calculator"]
+KNOWN_LOGGERS = ["megatron.core.rerun_state_machine", "megatron.core.utils",
+                 "megatron.core.num_microbatches_calculator"]
 
 
 def quiet_third_party() -> None:

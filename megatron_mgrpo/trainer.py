@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_mgrpo.algo import (aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty,
-                                 policy_loss)
+from megatron_mgrpo.algo import aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty, policy_loss
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.evaluate import grade_prompts
@@ -106,7 +105,8 @@ class Trainer:
         batch = self.batch_indices(step)
         with phase("rollout"):
             samples = self.sample(batch, step) if self.rank0 else None
-            sequences = broadcast_from_rank0(_train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
+            sequences = broadcast_from_rank0(
+                _train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
         with phase("logprobs"):
             scores = None if not self.score_first else self.policy.score(
                 sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")

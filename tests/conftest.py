@@ -8,7 +8,7 @@ import torch
 
 def char_tokenizer():
     """A character-level fast tokenizer with <pad>, <eos> and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.digits + string.ascii_letters + " +-*/=()[]{}\\.,:;?!^_'\"\n")

@@ -33,8 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from alarm_replay import replay  # noqa: E402  (this directory, on the path when run as a script)
+
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -72,7 +72,7 @@ def builtin_split(task: str, split: str, size: int, seed: int) -> list[PromptRec
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     interval, chosen, seen, draws = BUILTIN_INTERVALS[split], [], set(), 0
     limit = MAX_DRAWS_PER_QUESTION * size
-    for draws, record in enumerate(synthetic_stream(task, seed, limit), 1):
+    for draws, record in enumerate(synthetic_stream(task, seed, limit), 1):  # noqa: B007 (read after the loop)
         key = question_key(record.question)
         if key in seen or not in_interval(record.question, interval):
             continue

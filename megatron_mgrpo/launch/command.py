@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_mgrpo.config import Config, load_config
-from megatron_mgrpo.launch.model_shape import ModelShape, load_model_shape
 from megatron_mgrpo.launch import LaunchError
+from megatron_mgrpo.launch.model_shape import ModelShape, load_model_shape
 from megatron_mgrpo.launch.planner import MemoryPlan, Plan, plan_launch
 from megatron_mgrpo.launch.render import Step, render_steps
 from megatron_mgrpo.launch.slurm import assign_nodes, placeholder_hosts, slurm_job_from_env

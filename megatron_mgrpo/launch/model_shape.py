@@ -12,7 +12,6 @@ from pathlib import Path
 
 from megatron_mgrpo.launch import LaunchError
 
-
 #: Published config.json files of the recipes' models, named after the last component of their hub name.
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "model_configs"
 

@@ -33,8 +33,8 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
-        raise ModelLoadError(f"{path}: a weight's shape does not match config.json ({str(err).splitlines()[-1].strip()})"
-                             ) from None
+        detail = str(err).splitlines()[-1].strip()
+        raise ModelLoadError(f"{path}: a weight's shape does not match config.json ({detail})") from None
     problems = [f"{len(info[key])} {kind} (e.g. {', '.join(sorted(info[key])[:_SHOWN])})"
                 for key, kind in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
                 if info[key]]

@@ -26,8 +26,7 @@ def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, p
     the expert names are the same with and without Transformer Engine); `routing_replay` and
     `fp8` are passed on to `transformer_config`.
     """
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
     config = transformer_config(spec, tp=tp, pp=pp, ep=ep, params_dtype=params_dtype,
                                 routing_replay=routing_replay, fp8=fp8)

@@ -154,10 +154,12 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], spec: ModelSpec, *, tp_rank: int
         h, m = f"model.layers.{layer}.", f"decoder.layers.{local}."
         out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"].clone()
         out[m + "self_attention.linear_qkv.weight"] = col(_pack_qkv(
-            spec, hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"]))
+            spec, hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"],
+            hf[h + "self_attn.v_proj.weight"]))
         if spec.qkv_bias:
             out[m + "self_attention.linear_qkv.bias"] = col(_pack_qkv(
-                spec, hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"], hf[h + "self_attn.v_proj.bias"]))
+                spec, hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"],
+                hf[h + "self_attn.v_proj.bias"]))
         if spec.qk_layernorm:
             out[m + "self_attention.q_layernorm.weight"] = hf[h + "self_attn.q_norm.weight"].clone()
             out[m + "self_attention.k_layernorm.weight"] = hf[h + "self_attn.k_norm.weight"].clone()

@@ -146,7 +146,8 @@ class HFEngine:
                 break
             if keep.numel() < active.numel():
                 cache.batch_select_indices(keep)
-                active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
+                active, token, attention = active[keep], token[keep], attention[keep]
+                next_position = next_position[keep]
             attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)
             out = self._forward(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
                                 past_key_values=cache)

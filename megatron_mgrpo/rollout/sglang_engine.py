@@ -44,11 +44,16 @@ from typing import Any
 import httpx
 import torch
 
-from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
 from megatron_mgrpo.parallel.ports import free_port
+from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
 from megatron_mgrpo.rollout.server import RemoteServer, ServerError, ServerProcess, ServerSpec
-from megatron_mgrpo.rollout.sglang_protocol import (distributed_update_payload, generate_payload, init_group_payload,
-                                                    parse_generate_reply, tensor_update_payload)
+from megatron_mgrpo.rollout.sglang_protocol import (
+    distributed_update_payload,
+    generate_payload,
+    init_group_payload,
+    parse_generate_reply,
+    tensor_update_payload,
+)
 from megatron_mgrpo.rollout.types import Sample
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 from megatron_mgrpo.sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, bucketize

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import megatron_mgrpo
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.http_engine import SHARED_MEMORY, HTTPServerEngine, save_safetensors
 from megatron_mgrpo.rollout.server import RemoteServer, ServerProcess, ServerSpec
-from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.types import Sample
 from megatron_mgrpo.sync.buckets import tensor_checksums
 

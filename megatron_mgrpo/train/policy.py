@@ -32,9 +32,17 @@ from megatron_mgrpo.models.hf_config import ModelSpec
 from megatron_mgrpo.models.rows import RowHooks
 from megatron_mgrpo.parallel.collectives import broadcast_from_last_stage, gather_from_data_parallel_ranks
 from megatron_mgrpo.sync.export import export_hf_weights
-from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, attention_pair_cost, collate,
-                                          data_parallel_share, micro_batches, pack_by_tokens, row_width,
-                                          share_prompt_rows)
+from megatron_mgrpo.train.batching import (
+    MicroBatch,
+    TrainSequences,
+    attention_pair_cost,
+    collate,
+    data_parallel_share,
+    micro_batches,
+    pack_by_tokens,
+    row_width,
+    share_prompt_rows,
+)
 from megatron_mgrpo.train.logprobs import vocab_parallel_logprobs_and_entropy, vocab_parallel_self_certainty
 from megatron_mgrpo.train.momentum import ShadowWeights
 from megatron_mgrpo.train.optimizer import build_optimizer, wrap_ddp
@@ -77,7 +85,8 @@ class MegatronPolicy:
         self.dtype = params_dtype(cfg.model.dtype)
         model = cfg.model
         module = build_gpt_model(spec, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
-                                 params_dtype=self.dtype, fp8=fp8_settings(model.fp8, model.fp8_recipe, model.fp8_params),
+                                 params_dtype=self.dtype,
+                                 fp8=fp8_settings(model.fp8, model.fp8_recipe, model.fp8_params),
                                  pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                                  routing_replay=cfg.train.routing_replay)
         load_hf_weights(module, hf_state, spec)

@@ -193,7 +193,7 @@ def test_anchor_diagnostics_measure_the_momentum_model(tmp_path):
     runs = first_steps(tmp_path, {"ema": (base, None),
                                   "frozen": (base + ["algo.momentum=1.0", "reward.vote_pool=momentum"], None)},
                        steps=3)
-    for name, records in runs.items():
+    for records in runs.values():
         first = records[0]
         assert first["anchor/kl"] == pytest.approx(0, abs=1e-6) and first["anchor/distance"] == 0.0
         assert first["anchor/distance_initial"] == 0.0 and 0 <= first["anchor/flip_rate"] <= 1

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from megatron_mgrpo.metrics import (MetricsSink, PhaseTimer, collapse_alarm, plot_metrics, read_metrics,
-                                    summary_table)
+from megatron_mgrpo.metrics import MetricsSink, PhaseTimer, collapse_alarm, plot_metrics, read_metrics, summary_table
 
 
 def run_steps(run_dir, steps, start=0, **kwargs):

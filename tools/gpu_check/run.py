@@ -141,7 +141,7 @@ def dry_run(wheels: Path, repo: Path = REPO) -> int:
         else:
             found[name] = wheel
     print(f"wheels in {wheels}:")
-    for name, wheel in found.items():
+    for wheel in found.values():
         print(f"  {wheel.stat().st_size / 2**20:8.2f} MiB  {wheel.name}")
     wheel_total = sum(w.stat().st_size for w in found.values())
     tree = repo_bytes(repo)

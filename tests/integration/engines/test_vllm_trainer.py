@@ -12,12 +12,11 @@ import torch
 
 from megatron_mgrpo.metrics import read_metrics
 from megatron_mgrpo.models.builtin import resolve_model_path
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.rollout.server import ServerProcess, ServerSpec
-from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.vllm_engine import PACKAGE_ROOT, SERVER_ENV, WORKER_EXTENSION, VLLMEngine
-from tests.integration.engines.test_vllm_engine import CPU_ENV, VLLM_PYTHON, pytestmark  # noqa: F401
-from tests.integration.engines.test_vllm_engine import reference_logprobs
+from tests.integration.engines.test_vllm_engine import CPU_ENV, VLLM_PYTHON, pytestmark, reference_logprobs  # noqa: F401
 
 STEPS = ["train.steps=2", "train.prompts_per_step=4", "rollout.group_size=6", "rollout.momentum_samples=2",
          "rollout.max_new_tokens=8", "warmstart.steps=30", "eval.prompts=0", "checkpoint.interval=2",

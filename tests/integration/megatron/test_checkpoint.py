@@ -194,8 +194,12 @@ def _draws() -> tuple:
 
 def retention_worker(rank, world, port, run_dir):
     from megatron_mgrpo.parallel.dist import destroy_distributed
-    from megatron_mgrpo.train.checkpoint import (complete_checkpoints, latest_checkpoint, load_checkpoint,
-                                                 save_checkpoint)
+    from megatron_mgrpo.train.checkpoint import (
+        complete_checkpoints,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     _start(rank, world, 1, 1, port)
     try:

@@ -148,7 +148,7 @@ def test_parallel_step_equals_single_process(reference, tp, pp, world):
     results = launch(tp, pp, world)
     for result in results.values():
         for key in ("before", "after", "momentum"):
-            for got, want in zip(getattr(result[key], "logprobs"), getattr(reference[key], "logprobs")):
+            for got, want in zip(result[key].logprobs, reference[key].logprobs):
                 assert torch.allclose(got, want, atol=1e-5), key
             for got, want in zip(result[key].entropy, reference[key].entropy):
                 assert torch.allclose(got, want, atol=1e-5), key

@@ -5,8 +5,15 @@ import sys
 import pytest
 
 from megatron_mgrpo.config import load_config
-from megatron_mgrpo.data import (DataError, FieldMap, PromptRecord, PromptTemplate, load_prompts,
-                                 load_prompts_from_config, synthetic_prompts)
+from megatron_mgrpo.data import (
+    DataError,
+    FieldMap,
+    PromptRecord,
+    PromptTemplate,
+    load_prompts,
+    load_prompts_from_config,
+    synthetic_prompts,
+)
 
 ROWS = [{"id": "a", "question": "1+1?", "answer": 2}, {"id": "b", "question": "2+2?", "answer": "4"}]
 

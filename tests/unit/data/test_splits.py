@@ -6,8 +6,16 @@ import pytest
 
 from megatron_mgrpo.config import load_config
 from megatron_mgrpo.data import DataError, PromptRecord
-from megatron_mgrpo.data.splits import (BUILTIN_INTERVALS, build_splits, builtin_split, fingerprint, hash_position,
-                                        normalize_question, overlap, question_key)
+from megatron_mgrpo.data.splits import (
+    BUILTIN_INTERVALS,
+    build_splits,
+    builtin_split,
+    fingerprint,
+    hash_position,
+    normalize_question,
+    overlap,
+    question_key,
+)
 from megatron_mgrpo.data.synthetic import TASKS
 from megatron_mgrpo.run import EMBEDDED_PRESET
 

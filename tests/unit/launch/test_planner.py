@@ -83,8 +83,8 @@ def test_memory_overflow_names_the_first_item_and_the_fix(load_recipe):
 
 def test_tensor_parallelism_halves_weights_and_ema_but_not_the_optimizer(load_recipe):
     # Doubling tp halves each rank's shard, but also halves dp, over which the optimizer is sharded.
-    tp4 = {i.name: i.gib for i in plan_launch(*load_recipe("mgrpo_qwen3_4b_math.yaml", "parallel.tp=4")).train_memory.items}
-    tp2 = {i.name: i.gib for i in plan_launch(*load_recipe("mgrpo_qwen3_4b_math.yaml", "parallel.tp=2")).train_memory.items}
+    tp4, tp2 = ({i.name: i.gib for i in plan_launch(*load_recipe("mgrpo_qwen3_4b_math.yaml", tp)).train_memory.items}
+                for tp in ("parallel.tp=4", "parallel.tp=2"))
     for name in ("weights (bf16)", "gradients (fp32)", "momentum EMA (fp32)"):
         assert tp4[name] == pytest.approx(tp2[name] / 2, rel=0.05)
     optimizer = "optimizer (fp32 master + Adam moments, sharded over data parallel)"

@@ -8,8 +8,13 @@ import torch
 from megatron_mgrpo.config import ConfigError
 from megatron_mgrpo.data.synthetic import TASKS, synthetic_prompts
 from megatron_mgrpo.data.templates import PromptTemplate
-from megatron_mgrpo.models.builtin import (BUILTINS, build_tokenizer, default_cache_dir, materialize_builtin,
-                                           resolve_model_path)
+from megatron_mgrpo.models.builtin import (
+    BUILTINS,
+    build_tokenizer,
+    default_cache_dir,
+    materialize_builtin,
+    resolve_model_path,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,13 @@ from safetensors.torch import load_file
 from transformers import MixtralConfig, Qwen3MoeConfig
 
 from megatron_mgrpo.models.hf_config import model_spec_from_hf
-from megatron_mgrpo.models.weight_map import (MOE_HF_NAMES, checkpoint_layout, hf_to_megatron, megatron_to_hf,
-                                              merge_expert_shards)
+from megatron_mgrpo.models.weight_map import (
+    MOE_HF_NAMES,
+    checkpoint_layout,
+    hf_to_megatron,
+    megatron_to_hf,
+    merge_expert_shards,
+)
 from tests.unit.models.test_weight_map import MOE, tiny
 
 KINDS = ("qwen3_moe", "mixtral")

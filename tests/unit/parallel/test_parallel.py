@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from megatron_mgrpo.parallel import cpu_compat
-from megatron_mgrpo.parallel.dist import (Launch, data_parallel_size, first_slurm_host, init_distributed,
-                                          launch_from_env)
+from megatron_mgrpo.parallel.dist import Launch, data_parallel_size, first_slurm_host, init_distributed, launch_from_env
 
 
 def test_compat_is_a_no_op_with_cuda(monkeypatch):

@@ -163,7 +163,8 @@ def test_moe_update_with_checkpoint_names_reaches_the_fused_experts(kind, tokeni
     with torch.no_grad():
         for param in target.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    exported = {k: v.clone() for k, v in checkpoint_layout(target.state_dict(), model_spec_from_hf(target.config)).items()}
+    layout = checkpoint_layout(target.state_dict(), model_spec_from_hf(target.config))
+    exported = {k: v.clone() for k, v in layout.items()}
     assert any(".experts.3." in name for name in exported)
     engine = HFEngine(engine_model, tokenizer)
     engine.update_weights(exported.items(), version=1)

@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.parallel.ports import free_port
+from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 
 FAKE_SERVER = textwrap.dedent("""
     import http.server, os, subprocess, sys, time

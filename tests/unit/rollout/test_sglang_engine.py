@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
 from megatron_mgrpo.rollout.pool_push import DistributedPoolPush, pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool
-from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.rollout.sglang_engine import SGLangEngine
 from megatron_mgrpo.rollout.sglang_protocol import generate_payload, init_group_payload, parse_generate_reply

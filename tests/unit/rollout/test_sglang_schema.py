@@ -9,14 +9,20 @@ import pytest
 import torch
 
 from megatron_mgrpo.rollout import SamplingParams
-from megatron_mgrpo.rollout.sglang_protocol import (distributed_update_payload, generate_payload, init_group_payload,
-                                                    tensor_update_payload)
+from megatron_mgrpo.rollout.sglang_protocol import (
+    distributed_update_payload,
+    generate_payload,
+    init_group_payload,
+    tensor_update_payload,
+)
 from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 
 SGLANG_PYTHON = os.environ.get("MGRPO_SGLANG_PYTHON")
 if not SGLANG_PYTHON and os.environ.get("CI"):
-    raise RuntimeError("CI must provide SGLang's schema: set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
-pytestmark = pytest.mark.skipif(not SGLANG_PYTHON, reason="set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
+    raise RuntimeError("CI must provide SGLang's schema: "
+                       "set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
+pytestmark = pytest.mark.skipif(not SGLANG_PYTHON,
+                                reason="set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
 
 CHECKER = Path(__file__).parent / "sglang_schema.py"
 
@@ -32,7 +38,8 @@ def test_every_payload_we_send_is_a_valid_sglang_request():
     named = [("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.zeros(2, 3, dtype=torch.bfloat16))]
     broadcaster = WeightBroadcaster("10.0.0.1", 29555, 3, backend="nccl", device="cpu")
     requests = [
-        ("/generate", generate_payload([1, 2, 3], 4, SamplingParams(temperature=1.1, max_new_tokens=8, stop=("</s>",)))),
+        ("/generate", generate_payload([1, 2, 3], 4,
+                                       SamplingParams(temperature=1.1, max_new_tokens=8, stop=("</s>",)))),
         ("/generate", generate_payload([1], 1, SamplingParams(top_k=20, top_p=0.9, seed=3), routed_experts=True)),
         ("/update_weights_from_disk", {"model_path": "/dev/shm/w", "weight_version": "3", "flush_cache": True}),
         ("/update_weights_from_tensor", tensor_update_payload(named, 2, 3, last=True)),

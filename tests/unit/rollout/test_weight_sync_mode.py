@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from megatron_mgrpo.config import ConfigError, load_config
-from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.parallel.ports import free_port
+from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.rollout.build import build_pools
 from megatron_mgrpo.rollout.server import ServerError, ServerProcess, ServerSpec
 from megatron_mgrpo.rollout.weight_broadcast import rank0_address, trainer_broadcaster

@@ -2,10 +2,19 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from megatron_mgrpo.train.batching import (MicroBatch, TrainSequences, collate, data_parallel_share, micro_batches,
-                                           pack_by_tokens, row_width, share_prompt_rows)
+from megatron_mgrpo.train.batching import (
+    MicroBatch,
+    TrainSequences,
+    collate,
+    data_parallel_share,
+    micro_batches,
+    pack_by_tokens,
+    row_width,
+    share_prompt_rows,
+)
 
 
 def test_one_sequence_per_row_aligns_fields_with_the_targets():
