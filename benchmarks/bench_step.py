@@ -58,10 +58,10 @@ def trl_step(model_dir) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from megatron_mgrpo.answer_format import extract_answer
     from megatron_mgrpo.config import load_config
     from megatron_mgrpo.data.datasets import load_prompts_from_config
     from megatron_mgrpo.data.templates import PromptTemplate
-    from megatron_mgrpo.reward.extract import extract_answer
 
     torch.set_num_threads(os.cpu_count())
     cfg = load_config(overrides=COMMON)

@@ -1,7 +1,7 @@
 """`mgrpo eval`: pass@1 and maj@k of a model on local datasets, graded exactly as in training.
 
 For each prompt the model samples k responses; each response's answer is extracted with
-`reward.extract` and compared with the gold answer by the training grader (`AnswerGrader`:
+`answer_format` and compared with the gold answer by the training grader (`AnswerGrader`:
 canonical forms, then math-verify), so an answer that earns reward in training is correct here
 and vice versa.
 
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_mgrpo.answer_format import extract_answer
 from megatron_mgrpo.data.records import DataError, PromptRecord
 from megatron_mgrpo.data.templates import PromptTemplate
 from megatron_mgrpo.reward.equivalence import AnswerGrader
-from megatron_mgrpo.reward.extract import extract_answer
 from megatron_mgrpo.reward.voting import vote
 from megatron_mgrpo.rollout.types import RolloutEngine, SamplingParams
 

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_mgrpo.algo import aggregate, aggregation_units, group_advantages, iqr_keep_mask, kl_penalty, policy_loss
+from megatron_mgrpo.answer_format import extract_answer
 from megatron_mgrpo.config import Config
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.evaluate import grade_prompts
 from megatron_mgrpo.parallel.collectives import broadcast_from_rank0
-from megatron_mgrpo.reward.extract import extract_answer
 from megatron_mgrpo.reward.labels import PromptGroup, make_label_source, pseudo_label_accuracy
 from megatron_mgrpo.reward.voting import vote
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
@@ -209,9 +209,8 @@ class Trainer:
     def sample(self, batch: list[int], step: int) -> list[list[Sample]]:
         """Per prompt, its M policy samples then its N momentum samples (rank 0)."""
         prompts = [self.prompt_ids[i] for i in batch]
-        policy_samples = self.pools.policy.generate(prompts, self.m, self.sampling(step))
-        momentum_samples = (self.pools.momentum.generate(prompts, self.n, self.sampling(step, offset=1))
-                            if self.n else [[] for _ in prompts])
+        policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step),
+                                                             self.sampling(step, offset=1))
         return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
 
     def rewards(self, batch: list[int], samples: list[list[Sample]], scores) -> Rewards:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_mgrpo.answer_format import extract_answer
 from megatron_mgrpo.data.datasets import iter_rows
 from megatron_mgrpo.data.records import BadRow, DataError, FieldMap
-from megatron_mgrpo.reward.extract import extract_answer
 
 STYLES = {  # field -> candidate columns, first match wins (case-insensitive)
     "math": {"id": ["unique_id", "id"], "question": ["problem"], "answer": ["answer"], "solution": ["solution"]},

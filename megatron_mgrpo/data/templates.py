@@ -12,9 +12,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_mgrpo.answer_format import INSTRUCTION
 from megatron_mgrpo.data.records import PromptRecord
 
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MODES = ("auto", "chat", "plain")
 
 

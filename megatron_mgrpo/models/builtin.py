@@ -28,8 +28,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_mgrpo.answer_format import INSTRUCTION
 from megatron_mgrpo.config import ConfigError
-from megatron_mgrpo.data.templates import INSTRUCTION
 
 PREFIX = "builtin:"
 CACHE_ENV = "MGRPO_CACHE"

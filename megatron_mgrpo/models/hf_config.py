@@ -9,6 +9,7 @@ and is wrong. FP8 compute (Transformer Engine, GPU only) is requested through `f
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,8 +201,6 @@ def fp8_settings(fmt: str = "off", recipe: str = "delayed", params: bool = False
         raise ValueError(f"model.fp8={fmt!r} is not supported; supported: off, {', '.join(FP8_FORMATS)}")
     if recipe not in FP8_RECIPES:
         raise ValueError(f"model.fp8_recipe={recipe!r} is not supported; supported: {', '.join(FP8_RECIPES)}")
-    from megatron_mgrpo.models.provider import transformer_engine_available
-
     if not torch.cuda.is_available():
         raise ValueError(f"model.fp8={fmt} needs a CUDA GPU with Transformer Engine, and no GPU is visible: run on "
                          f"a GPU with the `gpu` extra installed, or set model.fp8=off")
@@ -209,6 +208,11 @@ def fp8_settings(fmt: str = "off", recipe: str = "delayed", params: bool = False
         raise ValueError(f"model.fp8={fmt} needs Transformer Engine, which is not installed: install the `gpu` "
                          f"extra (pip install 'megatron_mgrpo[gpu]'), or set model.fp8=off")
     return dict(fp8=fmt, fp8_recipe=recipe, fp8_param=params)
+
+
+def transformer_engine_available() -> bool:
+    """TE layers need CUDA; checked without importing TE, which is heavy and GPU-only."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def gpt_model_kwargs(spec: ModelSpec) -> dict[str, Any]:

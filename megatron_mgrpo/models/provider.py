@@ -3,18 +3,17 @@ and loading Hugging Face weights into the shard this process holds."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
 
-from megatron_mgrpo.models.hf_config import ModelSpec, gpt_model_kwargs, transformer_config
+from megatron_mgrpo.models.hf_config import (
+    ModelSpec,
+    gpt_model_kwargs,
+    transformer_config,
+    transformer_engine_available,
+)
 from megatron_mgrpo.models.weight_map import TE_FUSED_NORMS, hf_to_megatron
-
-
-def transformer_engine_available() -> bool:
-    """TE layers need CUDA; checked without importing TE, which is heavy and GPU-only."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def build_gpt_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, pre_process: bool = True,

@@ -54,6 +54,8 @@ def sample_next_tokens(logits: torch.Tensor, sampling: SamplingParams,
 class HFEngine:
     """A `RolloutEngine` that samples with a transformers model in this process."""
 
+    in_process = True
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int = 256, seed: int = 0,
                  routed_experts: bool = False):
         if max_batch_size < 1:

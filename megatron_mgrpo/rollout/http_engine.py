@@ -47,6 +47,7 @@ class HTTPServerEngine:
     """Base of the vLLM and SGLang engines; `kind` names the server in errors and `health()`."""
 
     kind = "server"
+    in_process = False
 
     def __init__(self, server: ServerProcess, *, name: str, request_timeout_s: float, max_retries: int,
                  max_concurrency: int):

@@ -88,10 +88,20 @@ class RolloutPools:
         self.policy = policy
         self.momentum = momentum
 
-    def sample(self, prompts: Sequence[Sequence[int]], m: int, n: int,
-               sampling: SamplingParams) -> tuple[list[list[Sample]], list[list[Sample]]]:
+    def sample(self, prompts: Sequence[Sequence[int]], m: int, n: int, sampling: SamplingParams,
+               momentum_sampling: SamplingParams | None = None) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """M policy and N momentum samples per prompt. Both pools are asked at once when both are
+        servers (the momentum pool would otherwise idle while the policy pool generates, and the
+        other way round); in-process engines take turns."""
         if n > 0 and self.momentum is None:
             raise ValueError(f"{n} momentum samples per prompt were asked for, but there is no momentum pool: "
                              f"build RolloutPools with momentum engines (reward.label_source=mgrpo needs them)")
-        return self.policy.generate(prompts, m, sampling), (
-            self.momentum.generate(prompts, n, sampling) if n > 0 else [[] for _ in prompts])
+        if n == 0:
+            return self.policy.generate(prompts, m, sampling), [[] for _ in prompts]
+        momentum_sampling = momentum_sampling or sampling
+        if any(engine.in_process for engine in (*self.policy.engines, *self.momentum.engines)):
+            return (self.policy.generate(prompts, m, sampling),
+                    self.momentum.generate(prompts, n, momentum_sampling))
+        with ThreadPoolExecutor(2) as executor:
+            momentum = executor.submit(self.momentum.generate, prompts, n, momentum_sampling)
+            return self.policy.generate(prompts, m, sampling), momentum.result()

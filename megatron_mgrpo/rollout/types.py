@@ -61,7 +61,11 @@ class Sample:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer needs from anything that samples."""
+    """What the trainer needs from anything that samples. `in_process`: it computes in this
+    process (its calls share this process's CPU threads and RNG, so they are not overlapped with
+    another engine's); a server engine only waits on the network."""
+
+    in_process: bool
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Sample]:
         """n samples for each prompt (token ids), grouped prompt by prompt in input order."""

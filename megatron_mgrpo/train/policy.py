@@ -300,7 +300,7 @@ def prompt_sharing(mode: str, spec: ModelSpec) -> float | None:
     None (no sharing). A shared row needs an arbitrary attention mask, which megatron's local
     attention applies; Transformer Engine's attention, as megatron builds it, is causal only."""
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.models.provider import transformer_engine_available
+    from megatron_mgrpo.models.hf_config import transformer_engine_available
 
     if mode == "never" or (mode == "auto" and transformer_engine_available()):
         return None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_mgrpo.config import load_config
-from megatron_mgrpo.models import provider
+from megatron_mgrpo.models import hf_config
 from megatron_mgrpo.models.hf_config import fp8_settings
 
 
@@ -24,7 +24,7 @@ def test_fp8_without_a_gpu_names_the_setting_and_the_fix():
 
 def test_fp8_without_transformer_engine_says_to_install_the_gpu_extra(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(provider.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(hf_config.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"model.fp8=hybrid needs Transformer Engine.*install the `gpu` extra"):
         fp8_settings("hybrid", "tensorwise")
 
@@ -43,7 +43,7 @@ def test_inconsistent_fp8_settings_fail(args, message):
 def test_fp8_settings_are_transformer_config_fields(monkeypatch):
     from megatron.core.transformer import TransformerConfig
 
-    monkeypatch.setattr(provider, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(hf_config, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     settings = fp8_settings("hybrid", "blockwise", True)
     assert settings == {"fp8": "hybrid", "fp8_recipe": "blockwise", "fp8_param": True}

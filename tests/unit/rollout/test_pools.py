@@ -5,6 +5,7 @@ from megatron_mgrpo.rollout import SamplingParams
 from megatron_mgrpo.rollout.hf_engine import HFEngine
 from megatron_mgrpo.rollout.pool_push import pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
+from megatron_mgrpo.rollout.types import Sample
 
 from .test_hf_engine import teacher_forced_logprobs
 
@@ -74,3 +75,33 @@ def test_a_group_push_updates_its_engines_together_and_the_others_one_by_one():
 
 def test_only_sglang_servers_in_a_weight_group_get_a_group_push(make_tiny_qwen3, tokenizer):
     assert pool_weight_push([HFEngine(make_tiny_qwen3(), tokenizer)]) is None
+
+
+class Rendezvous:
+    """An engine whose generate waits (up to 5 s) for the other pool's engine to be generating too."""
+
+    def __init__(self, started, other_started, in_process: bool):
+        self.started, self.other_started, self.in_process = started, other_started, in_process
+        self.overlapped = None
+
+    def generate(self, prompts, n, sampling):
+        self.started.set()
+        self.overlapped = self.other_started.wait(timeout=0.2 if self.in_process else 5)
+        return [Sample(prompt_index=i, prompt_ids=list(p), response_ids=[1], text="", logprobs=[0.0],
+                       finish_reason="stop", weights_version=sampling.seed) for i, p in enumerate(prompts)
+                for _ in range(n)]
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["servers", "in-process"])
+def test_server_pools_sample_at_once_and_in_process_ones_take_turns(in_process):
+    import threading
+
+    policy_started, momentum_started = threading.Event(), threading.Event()
+    policy = Rendezvous(policy_started, momentum_started, in_process)
+    momentum = Rendezvous(momentum_started, policy_started, in_process)
+    pools = RolloutPools(EnginePool("policy", [policy]), EnginePool("momentum", [momentum]))
+    mine, theirs = pools.sample([[5], [6]], m=3, n=1, sampling=SamplingParams(seed=1),
+                                momentum_sampling=SamplingParams(seed=2))
+    assert [len(g) for g in mine] == [3, 3] and [len(g) for g in theirs] == [1, 1]
+    assert {s.weights_version for g in mine for s in g} == {1} and {s.weights_version for g in theirs for s in g} == {2}
+    assert policy.overlapped == (not in_process)  # taking turns, the policy pool samples first, alone

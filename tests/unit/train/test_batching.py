@@ -117,17 +117,17 @@ def test_prompt_sharing_follows_the_attention_in_use(monkeypatch):
     Transformer Engine's causal attention would silently ignore it, so auto turns sharing off and
     always is refused with the fix."""
     from megatron_mgrpo.config import ConfigError
-    from megatron_mgrpo.models import provider
+    from megatron_mgrpo.models import hf_config
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.train.policy import prompt_sharing
     from tests.unit.models.test_weight_map import tiny
 
     spec = model_spec_from_hf(tiny("qwen3").config)
     assert prompt_sharing("never", spec) is None
-    monkeypatch.setattr(provider, "transformer_engine_available", lambda: False)
+    monkeypatch.setattr(hf_config, "transformer_engine_available", lambda: False)
     cost = prompt_sharing("auto", spec)
     assert cost == prompt_sharing("always", spec) and 0 < cost < 1
-    monkeypatch.setattr(provider, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(hf_config, "transformer_engine_available", lambda: True)
     assert prompt_sharing("auto", spec) is None
     with pytest.raises(ConfigError, match="train.prompt_sharing=always needs megatron's local attention"):
         prompt_sharing("always", spec)

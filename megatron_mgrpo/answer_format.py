@@ -1,5 +1,7 @@
-"""Final-answer extraction from a response's text.
+"""The answer format: how a prompt asks for the final answer, and how it is read back.
 
+Data (the prompt template, gold answers taken from worked solutions), the built-in models (whose
+tokenizer holds the instruction as one token) and the reward all follow it, so it sits below them.
 The answer is the content of the last `\\boxed{...}` (or `\\fbox{...}`), with nested braces;
 `\\boxed 5` without braces also counts. `lenient` mode falls back to "the answer is X" /
 "final answer: X" when there is no box. Everything is a linear scan: a response is model output,
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+#: appended to every question: the model is asked for a boxed final answer, which extraction reads
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MODES = ("strict", "lenient")
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _STATED = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?", re.IGNORECASE)
