@@ -1,9 +1,10 @@
-"""The run's metrics: live progress, metrics.jsonl, wandb, TensorBoard, phase timing, plots, summary, collapse alarm.
+"""The run's metrics: live progress, metrics.jsonl, wandb, TensorBoard, phase timing, the summary table.
 
 Only the process that owns the run directory (global rank 0) creates a `MetricsSink`; the others
 time their phases with a `PhaseTimer` and send what they measured to rank 0.
 
-Metric names are flat, slash-separated keys. The plots and the collapse alarm read these:
+Metric names are flat, slash-separated keys. The plots (`plots.py`) and the collapse alarm
+(`collapse_alarm.py`) read these:
 
     reward/mean            mean reward of the trained policy responses
     label/accuracy         pseudo-label accuracy against gold (monitoring only)
@@ -32,31 +33,15 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
-PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
 STEP_TIME, OTHER_TIME = "time/step", "time/other"
-# (file stem, title, keys drawn as lines, y label)
-PLOTS = (
-    ("reward", "Reward", ("reward/mean",), "mean reward"),
-    ("pseudo_label_accuracy", "Pseudo-label accuracy vs gold", ("label/accuracy",), "accuracy"),
-    ("true_accuracy", "True accuracy (eval split)", ("accuracy/true", "accuracy/true_momentum"), "accuracy"),
-    ("entropy", "Policy entropy", ("entropy/mean",), "nats / token"),
-    ("iqr_drop_rate", "IQR filter drop rate", ("iqr/drop_rate",), "fraction dropped"),
-    ("kl", "KL to reference", ("kl/mean",), "KL"),
-    ("response_length", "Response length", ("response/length_mean",), "tokens"),
-    ("anchor", "Momentum anchor", ("anchor/flip_rate", "anchor/kl", "label/agreement"), "value"),
-    ("votes", "Votes equal to gold", ("vote/policy_correct", "vote/momentum_correct", "vote/label_correct"), "share"),
-    ("collapse_signals", "Collapse signals", ("label/agreement", "label/share_mean", "kl/mean", "alarm/collapse"),
-     "value"),
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,92 +254,20 @@ def step_line(record: Mapping[str, Any], total_steps: int) -> str:
     """One step as a log line: `step 3/40  rollout 1.2s train 0.8s (2.3s)  reward 0.41  label share 0.72
     acc 0.55  H 0.83`, with `ALARM` when the collapse alarm fired; what was not measured is left out."""
     phases = " ".join(f"{key.split('/', 1)[1]} {value:.1f}s" for key, value in record.items()
-                      if key.startswith("time/") and key not in (STEP_TIME, OTHER_TIME) and _is_number(value))
+                      if key.startswith("time/") and key not in (STEP_TIME, OTHER_TIME) and is_number(value))
     parts = [f"step {record['step'] + 1}/{total_steps}"]
-    if _is_number(record.get(STEP_TIME)):
+    if is_number(record.get(STEP_TIME)):
         parts.append(f"{phases} ({record[STEP_TIME]:.1f}s)" if phases else f"{record[STEP_TIME]:.1f}s")
     shown = (("reward/mean", "reward"), ("label/share_mean", "label share"), ("accuracy/true", "acc"),
              ("entropy/mean", "H"))
-    parts += [f"{label} {record[key]:.3g}" for key, label in shown if _is_number(record.get(key))]
+    parts += [f"{label} {record[key]:.3g}" for key, label in shown if is_number(record.get(key))]
     if record.get("alarm/collapse"):
         parts.append("ALARM")
     return "  ".join(parts)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# --------------------------------------------------------------------------------------------
-# plots and summary
-
-
-def plot_metrics(run_dir: str | Path) -> list[Path]:
-    """PNG plots of <run_dir>/metrics.jsonl into <run_dir>/plots; returns the files written.
-
-    The true accuracy starts at step 0 with the accuracy before training, from <run_dir>/summary.json
-    when there is one (the trainer measures it before the first step, which no record holds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    records = read_metrics(run_dir)
-    out_dir = Path(run_dir) / PLOTS_DIR
-    out_dir.mkdir(exist_ok=True)
-    written = []
-    initial = _initial_points(run_dir)
-    charts = [(stem, title, _series(records, keys, initial), ylabel, False) for stem, title, keys, ylabel in PLOTS]
-    charts.append(("step_time", "Step time by phase", _series(records, _phase_keys(records)), "seconds", True))
-    for stem, title, series, ylabel, stacked in charts:
-        if not series:
-            continue
-        figure = Figure(figsize=(6, 3.5), layout="tight")
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        if stacked:
-            steps = [step for step, _ in next(iter(series.values()))]
-            axes.stackplot(steps, *[[v for _, v in points] for points in series.values()],
-                           labels=[k.split("/", 1)[1] for k in series])
-        else:
-            for key, points in series.items():
-                axes.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-        axes.set(title=title, xlabel="step", ylabel=ylabel)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
-        path = out_dir / f"{stem}.png"
-        figure.savefig(path, dpi=100)
-        written.append(path)
-    return written
-
-
-def _phase_keys(records: list[dict[str, Any]]) -> tuple[str, ...]:
-    """time/<phase> keys logged on every step (stacked areas need a value at each step)."""
-    if not records:
-        return ()
-    common = set.intersection(*(set(r) for r in records))
-    return tuple(sorted(k for k in common if k.startswith("time/") and k != STEP_TIME))
-
-
-def _initial_points(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """`accuracy/true` at step 0 from summary.json's `initial_true_accuracy`, if the run has one."""
-    try:
-        initial = json.loads((Path(run_dir) / "summary.json").read_text()).get("initial_true_accuracy")
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {"accuracy/true": [(0, float(initial))]} if _is_number(initial) and math.isfinite(initial) else {}
-
-
-def _series(records: list[dict[str, Any]], keys: Sequence[str],
-            first: Mapping[str, list[tuple[int, float]]] | None = None) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) points of each key that has at least one finite number, after its `first` points."""
-    series = {}
-    for key in keys:
-        points = list((first or {}).get(key, [])) + [(r["step"], float(r[key])) for r in records
-                                                     if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if points:
-            series[key] = points
-    return series
 
 
 def summary_table(summary: Mapping[str, Any], title: str = "Run summary"):
@@ -377,84 +290,3 @@ def print_summary(summary: Mapping[str, Any], console=None) -> None:
     from rich.console import Console
 
     (console or Console()).print(summary_table(summary))
-
-
-# --------------------------------------------------------------------------------------------
-# collapse early warning
-
-
-class CollapseAlarm(NamedTuple):
-    alarm: bool
-    reasons: list[str]
-
-
-def collapse_alarm(history: Sequence[Mapping[str, Any]], window: int = 10, kl_ceiling: float = 0.2,
-                   agreement_drop: float = 0.2) -> CollapseAlarm:
-    """Early warning of self-reward collapse from label-free signals only (gold is never read).
-
-    Self-rewarding RL has no outside check: whatever the policy's own majority says is rewarded,
-    so every step pushes the policy further the way it already leans, right or wrong. What
-    gives a collapse away without labels is how far the policy walks from where it started.
-    The alarm fires when either of two signals fires:
-
-    - drift: the median of `kl/mean` over the last `window` (10) steps >= `kl_ceiling` (0.2
-      nats/token). `kl/mean` estimates the KL from the policy to the initial (warm-started)
-      policy on the step's training responses (logged without a KL term too, unless
-      log.drift=false). On a task the warm start partly solves, the right answers were already
-      likely under it, so learning them costs little KL, while reinforcing its own wrong
-      majorities moves probability onto answers it found unlikely.
-      The median ignores a single step's spike (with a few prompts a step `kl/mean` is noisy).
-    - anchor split (M-GRPO only): the mean of `label/agreement` (the fraction of prompts where
-      the policy's own vote equals the momentum model's) over the last `window` steps is at
-      least `agreement_drop` (0.2) below its mean over the first `window` steps. The momentum
-      model is a slow average of the policy: when the policy runs away, their votes part.
-      With 8 prompts a step the difference of two 10-step means has a standard error of about
-      0.08. This signal also works without `kl/mean` (`algo.kl_coef=0 log.drift=false` logs none).
-
-    Drift is judged once `window` steps are in (KL is 0 at the start by construction); the
-    anchor split needs 2 x `window` steps, for a baseline and a recent window that do not
-    overlap. With less history there is no judgement. `kl/mean` measures drift only with the
-    default `algo.kl_reference=initial`; with `momentum` it is the lag behind the momentum
-    model, smaller, and drift fires late or not at all.
-
-    Calibrated on one tiny-task experiment (benchmarks/collapse: builtin:small_sums,
-    tiny-qwen3, 3 seeds; `alarm_replay.py` replays this rule over its runs): take the
-    thresholds as a starting point elsewhere. Those runs measured true accuracy on questions that
-    were also RL and warm-start questions; the study on disjoint splits that replaced them reports
-    the rule's firings beside each run (benchmarks/collapse/RESULTS.md). There the 10-step KL median of the gold-label
-    runs never exceeded 0.08, and that of every SRT run crossed 0.2 between steps 21 and 37
-    while its true accuracy fell. A second set of runs (other warm starts, later code) tested
-    the unchanged rule: it fired on all nine label-free runs, all of which lost accuracy, and on
-    no gold-label run, whose KL medians peaked at 0.07-0.16. Other logged signals did not separate collapse from
-    learning there, so the rule does not read them. Vote share and entropy move the same way
-    when the policy learns (a gold-label seed halved its entropy while its accuracy rose to
-    0.9), and both barely moved in the SRT seed that fell from 0.81 to 0.06 accuracy. Response
-    length and answer rate stayed flat (the answer is a ~6-token boxed number), and grad norm
-    was noisy. `reward/mean` is not read because under `reward.label_source=gt` it comes from gold.
-    Without a KL term (`algo.kl_coef=0`, drift logged by `log.drift`) drift is weaker evidence:
-    it fired on every SRT run there too, but also on one of three gold-label runs, whose KL
-    wandered to 1.3-2.6 nats/token for ~20 steps without any loss of accuracy.
-    """
-    if len(history) < window:
-        return CollapseAlarm(False, [])
-    recent = history[-window:]
-    reasons = []
-    kl = _values(recent, "kl/mean")
-    if kl and (drift := statistics.median(kl)) >= kl_ceiling:
-        reasons.append(f"KL to the initial policy reached {drift:.3g} nats/token "
-                       f"({window}-step median >= {kl_ceiling})")
-    if len(history) >= 2 * window:
-        before, after = _mean(history[:window], "label/agreement"), _mean(recent, "label/agreement")
-        if before is not None and after is not None and after <= before - agreement_drop:
-            reasons.append(f"policy/momentum vote agreement fell to {after:.2f} from {before:.2f} "
-                           f"(drop >= {agreement_drop})")
-    return CollapseAlarm(bool(reasons), reasons)
-
-
-def _values(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-
-
-def _mean(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    values = _values(records, key)
-    return statistics.fmean(values) if values else None

@@ -25,9 +25,11 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
     """Run M-GRPO (or a baseline) as `cfg` says, into `run_dir`; resumes from its newest complete
     checkpoint. Returns the summary (on every rank)."""
     from megatron_mgrpo import metrics as metrics_lib
+    from megatron_mgrpo.collapse_alarm import collapse_alarm
     from megatron_mgrpo.data.splits import build_splits
     from megatron_mgrpo.models.builtin import default_cache_dir, resolve_model_path
     from megatron_mgrpo.parallel.dist import destroy_distributed, init_distributed
+    from megatron_mgrpo.plots import plot_metrics
     from megatron_mgrpo.train.checkpoint import load_latest_checkpoint, save_checkpoint
     from megatron_mgrpo.trainer import Trainer
     from megatron_mgrpo.warmstart import warm_start
@@ -84,7 +86,7 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
                         record["accuracy/true"] = trainer.true_accuracy()
                         if trainer.n:
                             record["accuracy/true_momentum"] = trainer.true_accuracy("momentum")
-                alarm = metrics_lib.collapse_alarm([*sink.history, record])
+                alarm = collapse_alarm([*sink.history, record])
                 record["alarm/collapse"] = float(alarm.alarm)
                 sink.log(step, record, tokens=record["generated_tokens"])
             if (step + 1) % cfg.checkpoint.interval == 0 or last:
@@ -104,7 +106,7 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             sink = None
             summary = summarize(cfg, run_dir, state, history, earlier_seconds + time.perf_counter() - started,
                                 split_report)
-            metrics_lib.plot_metrics(run_dir)
+            plot_metrics(run_dir)
             metrics_lib.print_summary(summary, console)
         return broadcast_from_rank0(summary)
     finally:

@@ -1,4 +1,4 @@
-"""Replay `megatron_mgrpo.metrics.collapse_alarm` over the collapse experiment's recorded runs.
+"""Replay `megatron_mgrpo.collapse_alarm` over the collapse experiment's recorded runs.
 
 For every run in `runs/<method>-s<seed>` this evaluates the alarm at each step on the records up
 to that step, as the trainer does, so a changed rule can be checked without training again. It
@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_mgrpo.metrics import collapse_alarm, read_metrics
+from megatron_mgrpo.collapse_alarm import collapse_alarm
+from megatron_mgrpo.metrics import read_metrics
 
 RUNS = Path(__file__).resolve().parent / "runs"
 

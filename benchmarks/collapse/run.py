@@ -311,7 +311,7 @@ def write_report(path: Path) -> None:
         "True accuracy is pass@1 on the evaluation split (256 questions no run trains or warm-starts on), 4 "
         "samples each at T = 1.0, before the first step and every 10 steps. Values are mean ± standard error "
         f"over seeds. Collapsed: final <= best - {COLLAPSED:.2f}; held: final >= best - {HELD:.2f} (counts of "
-        "seeds). The alarm column replays `megatron_mgrpo.metrics.collapse_alarm` over each run.", "",
+        "seeds). The alarm column replays `megatron_mgrpo.collapse_alarm` over each run.", "",
         "## Selection seeds 0-4: every variant", "", *accuracy_table(selection), "",
         "Paired by seed against SRT at the same learning rate (same warm start, same questions):", "",
         *paired_table(selection, same_rate_srt), "",

@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from megatron_mgrpo.metrics import MetricsSink, PhaseTimer, collapse_alarm, plot_metrics, read_metrics, summary_table
+from megatron_mgrpo.collapse_alarm import collapse_alarm
+from megatron_mgrpo.metrics import MetricsSink, PhaseTimer, read_metrics, summary_table
+from megatron_mgrpo.plots import plot_metrics
 
 
 def run_steps(run_dir, steps, start=0, **kwargs):
