@@ -1,20 +1,13 @@
-"""Answer equivalence: which extracted answers mean the same thing.
+"""Answer equivalence: which extracted answers mean the same thing, graded by a pool of workers.
 
-Two layers. First a conservative canonical string (spacing, `\\left`/`\\right`, `\\dfrac`, `$`,
-`\\text{}`, thousands separators, a trailing period, trailing decimal zeros): answers with the
-same canonical string are the same answer, for free. Then math-verify (symbolic equivalence:
-1/2 = 0.5, 2 sqrt 2 = sqrt 8, sets, percents) runs only between the *distinct* canonical forms
-of a prompt, each compared with the leaders of the classes found so far, so 32 answers with 5
+Two layers. Answers with the same canonical string (`canonical.py`) are the same answer, for
+free. Symbolic equivalence (`symbolic.py`: math-verify, 1/2 = 0.5, 2 sqrt 2 = sqrt 8, sets,
+percents) runs only between the *distinct* canonical forms of a prompt, so 32 answers with 5
 distinct forms cost 5 parses and at most 10 comparisons instead of 496. The forms are visited
 in sorted order, so the grouping does not depend on the order of the answers even where
-math-verify's lenient judgement is not transitive. Two cheap checks skip the symbolic
-comparison: plain numbers are compared by value (integers and fractions exactly; a percent is
-its value / 100, so 50% = 0.5 but 50 != 50%, where math-verify alone merges 50% with both), and
-a plain-word answer ("Tuesday") equals only itself (math-verify reads words as products of
-symbols, where anagrams are equal). A prompt whose distinct forms are all integers or words
-(GSM8K, AIME and the built-in tasks, nearly always) has nothing for math-verify to decide:
-distinct integer forms are distinct values, and a word equals only itself; it never reaches a
-worker.
+math-verify's lenient judgement is not transitive. A prompt whose distinct forms are all
+integers or plain words (GSM8K, AIME and the built-in tasks, nearly always) has nothing for
+math-verify to decide and never reaches a worker.
 
 math-verify parses with sympy, which can take unbounded time on hostile LaTeX, and its own
 timeouts only work in a process's main thread. So it runs in worker processes with its own
@@ -30,67 +23,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from decimal import Context, Decimal
 from multiprocessing.connection import Connection, wait
-from typing import NamedTuple
+
+from megatron_mgrpo.reward.canonical import apart_by_form, canonical_form
+from megatron_mgrpo.reward.symbolic import SymbolicGrouper
 
 log = logging.getLogger(__name__)
 
-_SPACING = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;: ]|~")
-_TEXT = re.compile(r"\\(?:text|textrm|textit|textbf|mbox|mathrm)\{([^{}]*)\}")
-_SPACE = re.compile(r"\s+")
-_OUTER_DOLLARS = re.compile(r"^\$+|(?<!\\)\$+$")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
-_WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
-_INTEGER = re.compile(r"-?\d+")
 _STARTUP_TIMEOUT_S = 120.0
-
-
-def canonical_form(answer: str) -> str:
-    """A normal form that only merges answers written differently but meaning the same thing."""
-    s = answer.replace("\u2212", "-")
-    s = _SPACING.sub("", s)
-    while (unwrapped := _TEXT.sub(r"\1", s)) != s:  # nested wrappers: innermost first
-        s = unwrapped
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
-    s = re.sub(r"(?<!\\)%", r"\\%", s)
-    s = _SPACE.sub(_drop_space, s.strip())
-    s = _strip_period(_OUTER_DOLLARS.sub("", _strip_period(s)))
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    if _DECIMAL.fullmatch(s):  # 12.0, 12.00 and 12 are the same number: exact decimal arithmetic
-        s = format(Decimal(s).normalize(Context(prec=len(s) + 1)), "f")
-        s = "0" if s == "-0" else s
-    return s
-
-
-def _drop_space(match: re.Match) -> str:
-    """Spacing carries no meaning, except between letters: "\\pi r" is not "\\pir"."""
-    text, start, end = match.string, match.start(), match.end()
-    return " " if text[start - 1].isalpha() and text[end].isalpha() else ""
-
-
-def _is_words(text: str) -> bool:
-    """Plain words ("Tuesday", "no solution"), not a product of one- or two-letter symbols."""
-    return _WORDS.fullmatch(text) is not None and sum(c.isalpha() for c in text) >= 3
-
-
-def _apart_by_form(forms: list[str]) -> bool:
-    """Whether no two of these distinct canonical forms can be equivalent: each is an integer (the
-    canonical form of a number is unique: no sign of zero, no leading or trailing zeros) or plain
-    words. `SymbolicGrouper.merge` would keep them all apart too: integers compare by exact value
-    and words never merge."""
-    return all(_INTEGER.fullmatch(form) or _is_words(form) for form in forms)
-
-
-def _strip_period(s: str) -> str:
-    """Drop one sentence-ending period, never an ellipsis ("1, 2, ...")."""
-    return s[:-1] if s.endswith(".") and not s.endswith("..") else s
 
 
 @dataclass
@@ -104,110 +47,6 @@ class GraderStats:
     parse_failures: int = 0
     timeouts: int = 0
     worker_crashes: int = 0
-
-
-# ------------------------------------------------------------------------------------------------
-# the symbolic part: runs in a worker process (or in-process with num_workers=0)
-
-
-class _Parsed(NamedTuple):
-    expressions: list  # math-verify's parse: sympy objects and their string forms
-    exact: object | None  # the sympy Rational when the answer is one (integers, fractions)
-    approx: float | None  # the value when the answer is a single real number
-
-
-class SymbolicGrouper:
-    """Merges canonical forms with math-verify; owns the parse cache."""
-
-    def __init__(self, cache_size: int = 100_000):
-        from math_verify import LatexExtractionConfig, parse, verify
-
-        logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its timeouts
-        self._parse, self._verify = parse, verify
-        # The whole string is the answer: no fallback that hunts for a number in it ("2**3" -> 2).
-        self._config = [LatexExtractionConfig()]
-        self._cache: dict[str, _Parsed | None] = {}
-        self._cache_size = cache_size
-
-    def parsed(self, text: str, counts: dict[str, int]) -> _Parsed | None:
-        """The math-verify parse of `text` (cached), or None when it is not mathematics."""
-        if text in self._cache:
-            counts["cache_hits"] += 1
-            return self._cache[text]
-        counts["parses"] += 1
-        expressions = self._parse(f"${text}$", extraction_config=self._config, parsing_timeout=None)
-        result = _Parsed(expressions, *_numeric_value(expressions)) if _has_math(expressions) else None
-        counts["parse_failures"] += result is None
-        if len(self._cache) >= self._cache_size:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[text] = result
-        return result
-
-    def merge(self, forms: list[str]) -> tuple[list[int], dict[str, int]]:
-        """For each canonical form, the index of the first (leading) form it is equivalent to.
-
-        With an equivalence relation this is union-find with fewer comparisons: a form joins
-        the first class whose leader it matches, and is never compared with the other members.
-        """
-        counts = {"verify_calls": 0, "parses": 0, "cache_hits": 0, "parse_failures": 0}
-        parses = [None if _is_words(text) else self.parsed(text, counts) for text in forms]
-        leaders: list[int] = []
-        merged_into = []
-        for i, mine in enumerate(parses):
-            target = i
-            for leader in leaders if mine else ():
-                theirs = parses[leader]
-                if theirs is None:
-                    continue
-                same_number = _same_number(mine, theirs)
-                if same_number is None:
-                    counts["verify_calls"] += 1
-                    same_number = self._verify(theirs.expressions, mine.expressions, timeout_seconds=None)
-                if same_number:
-                    target = leader
-                    break
-            if target == i:
-                leaders.append(i)
-            merged_into.append(target)
-        return merged_into, counts
-
-
-def _has_math(expressions: list) -> bool:
-    """math-verify returns only the input string when LaTeX parsing failed."""
-    return any(not isinstance(e, str) for e in expressions)
-
-
-def _numeric_value(expressions: list) -> tuple[object | None, float | None]:
-    """(exact Rational, float value) of a parse that is a single real number; None where not."""
-    from sympy import UnevaluatedExpr
-
-    expr = expressions[0]
-    if not getattr(expr, "is_number", False):  # free symbols, sets, matrices, strings
-        return None, None
-    expr = expr.xreplace({u: u.args[0] for u in expr.atoms(UnevaluatedExpr)})  # 50\% is 50 * (1/100) kept apart
-    try:
-        value = complex(expr.evalf())
-    except (TypeError, ValueError, OverflowError):  # zoo, nan
-        return None, None
-    if value.imag != 0:
-        return None, None
-    return (expr if expr.is_Rational else None), value.real
-
-
-def _same_number(a: _Parsed, b: _Parsed) -> bool | None:
-    """For two plain numbers: equal or not; None when math-verify must decide.
-
-    Integers and fractions compare exactly (10^20 and 10^20 + 1 differ, though their floats do
-    not). Other numbers are only told apart, with a margin far above math-verify's own rounding
-    (6 decimals), so this agrees with math-verify except on percents: here 50% is 0.5 and never 50.
-    """
-    if a.exact is not None and b.exact is not None:
-        return a.exact == b.exact
-    if a.approx is None or b.approx is None:
-        return None
-    if abs(a.approx - b.approx) > 1e-5 * max(1.0, abs(a.approx), abs(b.approx)):
-        return False
-    return None
 
 
 def _worker_main(conn: Connection, grouper_type: type[SymbolicGrouper]) -> None:
@@ -315,7 +154,7 @@ class AnswerGrader:
     def _merge_all(self, requests: list[list[str]]) -> list[list[int]]:
         """Leader index per form, per request; a request that fails keeps every form apart."""
         results = [list(range(len(forms))) for forms in requests]
-        pending = deque(i for i, forms in enumerate(requests) if len(forms) > 1 and not _apart_by_form(forms))
+        pending = deque(i for i, forms in enumerate(requests) if len(forms) > 1 and not apart_by_form(forms))
         self.stats.requests += len(requests)
         if self._local is not None:
             for i in pending:

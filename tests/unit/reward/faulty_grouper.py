@@ -4,7 +4,8 @@ worker processes that import it stay quick to start."""
 import os
 import time
 
-from megatron_mgrpo.reward.equivalence import AnswerGrader, SymbolicGrouper
+from megatron_mgrpo.reward.equivalence import AnswerGrader
+from megatron_mgrpo.reward.symbolic import SymbolicGrouper
 
 
 class FaultyGrouper(SymbolicGrouper):
