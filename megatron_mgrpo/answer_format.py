@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 
+from megatron_mgrpo.config import EXTRACTION_MODES
+
 #: appended to every question: the model is asked for a boxed final answer, which extraction reads
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-MODES = ("strict", "lenient")
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _STATED = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
@@ -22,8 +23,8 @@ _SENTENCE_END = re.compile(r"\.(?:\s|$)")
 
 def extract_answer(text: str, mode: str = "strict") -> str | None:
     """The final answer of `text`, or None when there is none (the answer then does not vote)."""
-    if mode not in MODES:
-        raise ValueError(f"reward.extraction={mode!r} is not one of {', '.join(MODES)}")
+    if mode not in EXTRACTION_MODES:
+        raise ValueError(f"reward.extraction={mode!r} is not one of {', '.join(EXTRACTION_MODES)}")
     boxes = [m.end() for m in _BOX.finditer(text)]
     if boxes:
         return _box_content(text, boxes[-1])

@@ -21,6 +21,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+#: allowed values that code outside this file checks too: declared once, here, where `mgrpo config
+#: show` can read them without importing torch
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+TIS_MODES = ("truncate", "mask")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LABEL_SOURCES = ("mgrpo", "srt", "ttrl", "gt", "intuitor")
+VOTE_POOLS = ("pool", "momentum")
+EXTRACTION_MODES = ("strict", "lenient")
+DATA_FORMATS = ("auto", "jsonl", "parquet", "hf")
+TEMPLATE_MODES = ("auto", "chat", "plain")
+
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message says which, and what to do."""
@@ -86,20 +98,20 @@ class RolloutConfig:
 @dataclass
 class AlgoConfig:
     advantage_estimator: str = option("grpo", "grpo: (r - mean) / std; drgrpo: r - mean; rloo: "
-                                              "leave-one-out baseline", choices=("grpo", "drgrpo", "rloo"))
+                                              "leave-one-out baseline", choices=ADVANTAGE_ESTIMATORS)
     iqr_filter: bool = option(True, "drop low-entropy trajectories with the IQR rule T = Q1 - k (Q3 - Q1)")
     iqr_k: float = option(0.75, "k of the IQR rule", ge=0.0)
     clip_low: float = option(0.2, "PPO clip: lower epsilon of the ratio", ge=0.0, lt=1.0)
     clip_high: float = option(0.28, "PPO clip: upper epsilon of the ratio", ge=0.0)
     tis_cap: float = option(2.0, "truncated importance sampling cap C on pi_train / pi_rollout", gt=0.0)
     tis_mode: str = option("truncate", "truncate: weight min(w, C); mask: tokens with w > C get no "
-                                       "gradient", choices=("truncate", "mask"))
+                                       "gradient", choices=TIS_MODES)
     loss_agg: str = option("token-mean", "how token losses are averaged",
-                           choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"))
+                           choices=LOSS_AGGREGATIONS)
     kl_coef: float = option(0.005, "KL penalty coefficient; 0: no KL term (the reference forward then "
                                    "runs only for log.drift)", ge=0.0)
     kl_estimator: str = option("k3", "KL estimator: k1 (log ratio), k2 (squared), k3 (low variance)",
-                               choices=("k1", "k2", "k3"))
+                               choices=KL_ESTIMATORS)
     kl_reference: str = option("initial", "KL anchor: the initial policy or the momentum model",
                                choices=("initial", "momentum"))
     momentum: float = option(0.99, "EMA coefficient m: theta_k <- m theta_k + (1 - m) theta_q; 1.0 freezes the "
@@ -116,14 +128,14 @@ class RewardConfig:
     label_source: str = option("mgrpo", "where labels come from: mgrpo (vote over policy + momentum), "
                                         "srt (vote over policy), ttrl (vote over a pool, train a subset), "
                                         "gt (gold answers), intuitor (self-certainty)",
-                               choices=("mgrpo", "srt", "ttrl", "gt", "intuitor"))
+                               choices=LABEL_SOURCES)
     vote_pool: str = option("pool", "label_source=mgrpo: whose answers vote; pool = the policy's M and the momentum "
                                     "model's N (the paper), momentum = the momentum model's N alone (the policy "
-                                    "still trains on its own M)", choices=("pool", "momentum"))
+                                    "still trains on its own M)", choices=VOTE_POOLS)
     vote_threshold: float = option(0.0, "minimum vote share of the winning answer; below it the prompt "
                                         "gets no label and no gradient", ge=0.0, le=1.0)
     extraction: str = option("strict", "strict: last \\boxed{} only; lenient: also 'the answer is ...'",
-                             choices=("strict", "lenient"))
+                             choices=EXTRACTION_MODES)
     verify_timeout_s: float = option(5.0, "per-call timeout of answer equivalence checks", gt=0.0)
     verify_workers: int = option(1, "worker processes for answer equivalence (0: in-process, no "
                                     "timeout protection)", ge=0)
@@ -144,12 +156,12 @@ class DataConfig:
     path: str = option("builtin:arithmetic", "jsonl / parquet file, HF datasets directory, or "
                                              "builtin:<task> (arithmetic, chain_sum, gsm, small_sums)")
     format: str = option("auto", "file format; auto decides from the suffix",
-                         choices=("auto", "jsonl", "parquet", "hf"))
+                         choices=DATA_FORMATS)
     fields: FieldsConfig = section(FieldsConfig, "column names")
     on_bad_row: str = option("skip", "skip (count and report) or error on malformed rows",
                              choices=("skip", "error"))
     template: str = option("auto", "prompt template: the tokenizer's chat template, a plain one, or "
-                                   "auto (chat when the tokenizer has one)", choices=("auto", "chat", "plain"))
+                                   "auto (chat when the tokenizer has one)", choices=TEMPLATE_MODES)
     few_shot: int = option(0, "worked examples prepended to each prompt", ge=0)
     builtin_size: int = option(2000, "distinct RL questions drawn from builtin:<task> (its RL split, disjoint from "
                                      "the warm-start and eval splits by question text)", ge=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("grpo", "drgrpo", "rloo")
+from megatron_mgrpo.config import ADVANTAGE_ESTIMATORS
 
 
 def group_advantages(rewards: torch.Tensor, keep: torch.Tensor, estimator: str = "grpo",
@@ -21,8 +21,8 @@ def group_advantages(rewards: torch.Tensor, keep: torch.Tensor, estimator: str =
     Dropped responses get 0, and so does every response of a prompt with fewer than two kept
     responses or whose kept rewards are all equal: there is no relative signal to learn from.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"algo.advantage_estimator={estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"algo.advantage_estimator={estimator!r} is not one of {', '.join(ADVANTAGE_ESTIMATORS)}")
     if rewards.dim() != 2 or rewards.shape != keep.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and keep {tuple(keep.shape)} must both be "
                          f"[prompts, responses]")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-TIS_MODES = ("truncate", "mask")
+from megatron_mgrpo.config import LOSS_AGGREGATIONS, TIS_MODES
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
@@ -25,8 +24,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean")
     GRPO). Sequences without tokens do not count. Values outside the mask are ignored, even
     if they are NaN or infinite.
     """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(AGGREGATIONS)}")
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
     valid = mask.bool()
     values = torch.where(valid, values, 0)
     if agg == "token-mean":
@@ -42,8 +41,8 @@ def aggregation_units(mask: torch.Tensor, agg: str = "token-mean") -> int:
     """How many units `aggregate` averages over: response tokens for token-mean, sequences with
     tokens otherwise. A loss summed over micro-batches as mean x units and divided by the total
     units equals `aggregate` over the whole batch, however it was split."""
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(AGGREGATIONS)}")
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"algo.loss_agg={agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
     valid = mask.bool()
     return int(valid.sum()) if agg == "token-mean" else int(valid.any(-1).sum())
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_mgrpo.config import DATA_FORMATS
 from megatron_mgrpo.data.records import BadRow, DataError, FieldMap, PromptRecord
 
 log = logging.getLogger(__name__)
-FORMATS = ("auto", "jsonl", "parquet", "hf")
 
 
 @dataclass
@@ -31,8 +31,8 @@ class PromptSet:
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
-    if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"data.format={fmt!r} is not one of {', '.join(DATA_FORMATS)}")
     if not path.exists():
         raise DataError(f"data.path={str(path)!r} does not exist: point it at a jsonl / parquet file or a "
                         f"datasets directory, or use builtin:<task>")

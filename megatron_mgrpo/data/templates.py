@@ -13,16 +13,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from megatron_mgrpo.answer_format import INSTRUCTION
+from megatron_mgrpo.config import TEMPLATE_MODES
 from megatron_mgrpo.data.records import PromptRecord
-
-MODES = ("auto", "chat", "plain")
 
 
 class PromptTemplate:
     def __init__(self, tokenizer: Any = None, mode: str = "auto", few_shot: int = 0,
                  examples: Sequence[PromptRecord] = (), seed: int = 0):
-        if mode not in MODES:
-            raise ValueError(f"data.template={mode!r} is not one of {', '.join(MODES)}")
+        if mode not in TEMPLATE_MODES:
+            raise ValueError(f"data.template={mode!r} is not one of {', '.join(TEMPLATE_MODES)}")
         has_chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
         if mode == "chat" and not has_chat:
             raise ValueError("data.template=chat needs a tokenizer with a chat template; use data.template=plain")

@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from megatron_mgrpo.config import LABEL_SOURCES, VOTE_POOLS
 from megatron_mgrpo.reward.equivalence import AnswerGrader
 from megatron_mgrpo.reward.voting import Vote, vote
-
-SOURCES = ("mgrpo", "srt", "ttrl", "gt", "intuitor")
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,6 @@ class LabelSource(Protocol):
     def label(self, groups: list[PromptGroup]) -> list[LabelResult]: ...
 
 
-VOTE_POOLS = ("pool", "momentum")
 
 
 class MajorityVote:
@@ -151,8 +149,8 @@ def _votes(pools: list[list[str | None]], grader: AnswerGrader, threshold: float
 def make_label_source(name: str, grader: AnswerGrader, *, threshold: float = 0.0, ttrl_train_samples: int = 16,
                       gold: Mapping[str, str] | None = None, vote_pool: str = "pool") -> LabelSource:
     """The label source called `name`; `gold` is accepted by `gt` only, `vote_pool` read by `mgrpo` only."""
-    if name not in SOURCES:
-        raise ValueError(f"reward.label_source={name!r} is not one of {', '.join(SOURCES)}")
+    if name not in LABEL_SOURCES:
+        raise ValueError(f"reward.label_source={name!r} is not one of {', '.join(LABEL_SOURCES)}")
     if name == "gt":
         if gold is None:
             raise ValueError("reward.label_source=gt needs gold answers: load a dataset with an answer column")

@@ -4,8 +4,8 @@ from collections.abc import Mapping
 
 import pytest
 
+from megatron_mgrpo.config import LABEL_SOURCES
 from megatron_mgrpo.reward import PromptGroup, make_label_source, pseudo_label_accuracy
-from megatron_mgrpo.reward.labels import SOURCES
 
 
 def test_mgrpo_votes_with_momentum_but_rewards_only_the_policy(grader):
@@ -68,7 +68,7 @@ class PoisonedGold(Mapping):
 
 GROUPS = [PromptGroup("p", ["1", "1", "2", None], ["1", "2"], self_certainty=[0.1, 0.2, 0.3, 0.4]),
           PromptGroup("q", ["7", "8", "8", "7.0"], ["7", "7"], self_certainty=[0.5, 0.6, 0.7, 0.8])]
-LABEL_FREE = sorted(set(SOURCES) - {"gt"})
+LABEL_FREE = sorted(set(LABEL_SOURCES) - {"gt"})
 
 
 @pytest.mark.parametrize("name", LABEL_FREE)
