@@ -5,7 +5,7 @@ The raw client sends the same /v1/completions requests as `VLLMEngine.generate` 
 prompts, n samples, log-probs of the sampled tokens), all in flight at once, and only counts the
 returned tokens; our engine additionally builds `Sample`s. The two alternate for several rounds
 and the median of each is compared, so the ratio is the overhead of our engine.
-Needs the vLLM environment: MGRPO_VLLM_PYTHON=$(bash scripts/setup_vllm_cpu.sh) python benchmarks/bench_rollout.py
+Needs the vLLM environment: MGRPO_VLLM_PYTHON=$(bash tools/setup_vllm_cpu.sh) python benchmarks/bench_rollout.py
 """
 
 import asyncio
@@ -41,7 +41,7 @@ async def raw_round(engine: VLLMEngine, prompts: list[list[int]]) -> int:
 def main() -> None:
     python = os.environ.get("MGRPO_VLLM_PYTHON")
     if not python:
-        sys.exit("set MGRPO_VLLM_PYTHON=$(bash scripts/setup_vllm_cpu.sh)")
+        sys.exit("set MGRPO_VLLM_PYTHON=$(bash tools/setup_vllm_cpu.sh)")
     tokenizer = char_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         tiny_qwen3(len(tokenizer), head_dim=32).save_pretrained(tmp)

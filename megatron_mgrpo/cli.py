@@ -25,13 +25,6 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_reference(args: argparse.Namespace) -> int:
-    from megatron_mgrpo.launch.reference import config_reference
-
-    print(config_reference(), end="")
-    return 0
-
-
 def _launch(args: argparse.Namespace) -> int:
     from megatron_mgrpo.launch.command import launch
 
@@ -222,10 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the config that a run would use: defaults, then --config, then overrides.")
     _add_config_args(show)
     show.set_defaults(run=_config_show)
-    reference = config_commands.add_parser(
-        "reference", help="print the configuration reference (Markdown) generated from the schema",
-        description="Print docs/config-reference.md: every key with its default, allowed values and help.")
-    reference.set_defaults(run=_config_reference)
 
     prep = commands.add_parser(
         "preprocess", help="turn a local MATH / MATH-500 / AIME / GPQA-style file into prompt jsonl",

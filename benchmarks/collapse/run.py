@@ -33,9 +33,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from alarm_replay import replay  # noqa: E402  (this directory, on the path when run as a script)
 
 from megatron_mgrpo.metrics import read_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's tools/
+from tools.alarm_replay import replay  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"

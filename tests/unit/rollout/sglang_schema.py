@@ -1,5 +1,5 @@
 """Checks request bodies against SGLang's own request types; run with the python of
-scripts/setup_sglang_schema.sh: `python sglang_schema.py < payloads.json` prints one verdict per payload.
+tools/setup_sglang_schema.sh: `python sglang_schema.py < payloads.json` prints one verdict per payload.
 
 `sglang.srt.managers.io_struct` is imported without executing `sglang/__init__.py` (it patches
 transformers and loads the frontend language) and with placeholders for two imports that only a

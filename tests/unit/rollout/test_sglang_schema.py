@@ -20,9 +20,9 @@ from megatron_mgrpo.rollout.weight_broadcast import WeightBroadcaster
 SGLANG_PYTHON = os.environ.get("MGRPO_SGLANG_PYTHON")
 if not SGLANG_PYTHON and os.environ.get("CI"):
     raise RuntimeError("CI must provide SGLang's schema: "
-                       "set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
+                       "set MGRPO_SGLANG_PYTHON=$(bash tools/setup_sglang_schema.sh)")
 pytestmark = pytest.mark.skipif(not SGLANG_PYTHON,
-                                reason="set MGRPO_SGLANG_PYTHON=$(bash scripts/setup_sglang_schema.sh)")
+                                reason="set MGRPO_SGLANG_PYTHON=$(bash tools/setup_sglang_schema.sh)")
 
 CHECKER = Path(__file__).parent / "sglang_schema.py"
 

@@ -14,18 +14,19 @@ Steps are the records' `step` (counted from 0; true accuracy is measured after s
 True accuracy comes from gold answers and is used here only to judge the alarm. The alarm itself
 never reads it.
 
-    python benchmarks/collapse/alarm_replay.py
+    python tools/alarm_replay.py [RUNS_DIR]   (default: benchmarks/collapse/runs)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from megatron_mgrpo.collapse_alarm import collapse_alarm
 from megatron_mgrpo.metrics import read_metrics
 
-RUNS = Path(__file__).resolve().parent / "runs"
+RUNS = Path(__file__).resolve().parents[1] / "benchmarks" / "collapse" / "runs"
 
 
 def replay(records: list[dict]) -> tuple[int | None, str, int]:
@@ -58,11 +59,11 @@ def row(run_dir: Path) -> str:
             f"{'never' if halved is None else halved} | {initial:.3f} | {max(during):.3f} | {during[-1]:.3f} |")
 
 
-def main() -> None:
-    runs = sorted((d for d in RUNS.glob("*-s*") if (d / "summary.json").exists()),
+def main(runs_dir: Path = RUNS) -> None:
+    runs = sorted((d for d in runs_dir.glob("*-s*") if (d / "summary.json").exists()),
                   key=lambda d: (d.name.rsplit("-s", 1)[0], int(d.name.rsplit("-s", 1)[1])))
     if not runs:
-        raise SystemExit(f"no finished runs under {RUNS}: run benchmarks/collapse/run.py first")
+        raise SystemExit(f"no finished runs under {runs_dir}: run benchmarks/collapse/run.py first")
     print("| run | alarm first fires (step) | first signal | true acc. by then | steps raised | "
           "true acc. < 50% of initial (step) | initial acc. | best acc. | final acc. |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RUNS)

@@ -2,6 +2,8 @@
 
 Every leaf's `option(...)` metadata (help, choices, bounds, default) is the single source: a test
 regenerates this text and compares it with the committed file, so the document cannot drift.
+
+    python tools/config_reference.py > docs/config-reference.md
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from megatron_mgrpo.config import Config, describe_range
 
 HEADER = """# Configuration reference
 
-Generated from `megatron_mgrpo/config.py` by `mgrpo config reference > docs/config-reference.md`;
+Generated from `megatron_mgrpo/config.py` by `python tools/config_reference.py > docs/config-reference.md`;
 do not edit by hand. Set any key in a YAML file passed with `--config`, or on the command line as
 `section.key=value` (applied after the file). `mgrpo config show` prints the resolved tree.
 """
@@ -61,3 +63,7 @@ def _allowed(f: dataclasses.Field, kind: type) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")
