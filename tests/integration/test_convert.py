@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from megatron_mgrpo.cli import main
 from megatron_mgrpo.convert import SafetensorsDir
 from megatron_mgrpo.parallel.ports import free_port
-from tests.unit.models.test_weight_map import tiny
+from tests.helpers import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,6 +107,7 @@ def test_momentum_exports_from_the_newest_checkpoint_of_a_run(tmp_path, tokenize
     ({"tie_word_embeddings": True}, 1, "tie_word_embeddings"),  # lm_head differs from the embedding
     ({"vocab_size": 50}, 1, "vocab_size"),
 ])
+@pytest.mark.slow
 def test_config_check_names_the_field_before_writing(tmp_path, tokenizer, capsys, edit, pp, field):
     hf = _hf_dir(tmp_path / "hf", tokenizer)
     config = json.loads((hf / "config.json").read_text())

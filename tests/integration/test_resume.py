@@ -8,7 +8,7 @@ import time
 import pytest
 
 from megatron_mgrpo.metrics import read_metrics
-from tests.integration.test_trainer import cache, run_cli  # noqa: F401  (cache: a fresh model cache, autouse)
+from tests.helpers import cache, run_cli  # noqa: F401  (cache: a fresh model cache, autouse)
 
 
 def stored_wall_seconds(checkpoint) -> float:

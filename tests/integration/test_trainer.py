@@ -18,26 +18,7 @@ from megatron_mgrpo.config import load_config
 from megatron_mgrpo.metrics import read_metrics
 from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.run import EMBEDDED_PRESET
-
-SMALL = ["train.steps=2", "train.prompts_per_step=4", "rollout.group_size=6", "rollout.momentum_samples=2",
-         "rollout.max_new_tokens=8", "warmstart.steps=30", "eval.prompts=8", "eval.interval=1",
-         "checkpoint.interval=1", "log.wandb=disabled", "train.lr_schedule=constant", "data.builtin_size=64",
-         "warmstart.size=500", "reward.ttrl_train_samples=4"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A fresh cache shared by this module's runs (the tiny model and its warm start are built once)."""
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["MGRPO_CACHE"] = str(path)
-    yield path
-    os.environ.pop("MGRPO_CACHE")
-
-
-def run_cli(out, *overrides, check=True):
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(out), *SMALL,
-                           *overrides], env=env, capture_output=True, text=True, check=check, timeout=900)
+from tests.helpers import SMALL, cache, run_cli  # noqa: F401  (cache: a fresh model cache, autouse)
 
 
 def _spawned_train(rank, world, port, overrides, out):

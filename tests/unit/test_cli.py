@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_mgrpo.cli import build_parser, main
@@ -35,6 +36,7 @@ def test_every_subcommand_prints_real_help():
         assert f"mgrpo {name}" in text
 
 
+@pytest.mark.slow
 def test_config_show_prints_resolved_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 5\n")

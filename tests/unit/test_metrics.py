@@ -62,6 +62,7 @@ def test_phase_timer_adds_repeated_phases_and_accounts_for_the_rest():
     assert "time/train" not in timer.take()  # the next step starts empty
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_inside_the_run_dir_and_resumes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # any network attempt would fail
     for start in (0, 1):

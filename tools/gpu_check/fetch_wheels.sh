@@ -38,7 +38,7 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   --platform manylinux_2_28_x86_64 --platform any -d "$DEST" "${PACKAGES[@]}"
 
 total=$(du -cb "$DEST"/*.whl | tail -n1 | cut -f1)
-ls -l "$DEST"/*.whl | awk '{printf "%10.2f MiB  %s\n", $5 / 1048576, $NF}'
+find "$DEST" -maxdepth 1 -name '*.whl' -printf '%s %f\n' | sort -k2 | awk '{printf "%10.2f MiB  %s\n", $1 / 1048576, $2}'
 printf 'total %.2f MiB (limit %d MiB)\n' "$(echo "$total / 1048576" | bc -l)" "$LIMIT_MIB"
 if (( total > LIMIT_MIB * 1048576 )); then
   echo "error: the wheels take more than $LIMIT_MIB MiB: drop a package from PACKAGES" >&2

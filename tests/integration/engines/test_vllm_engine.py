@@ -8,7 +8,7 @@ import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
 from megatron_mgrpo.rollout.vllm_engine import VLLMEngine
-from tests.conftest import char_tokenizer, tiny_qwen3
+from tests.helpers import char_tokenizer, tiny_qwen3
 
 VLLM_PYTHON = os.environ.get("MGRPO_VLLM_PYTHON")
 if not VLLM_PYTHON and os.environ.get("CI"):

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.parallel.ports import free_port
+from tests.helpers import tiny
 from tests.integration.megatron.test_logits_vs_hf import full_logits
-from tests.unit.models.test_weight_map import tiny
 
 REPO = Path(__file__).resolve().parents[3]
 SEQ_LEN = 16
@@ -268,7 +268,7 @@ KILLED_SAVE = textwrap.dedent("""
         from megatron_mgrpo.models.provider import build_gpt_model, load_hf_weights
         from megatron_mgrpo.parallel.dist import Launch, init_distributed
         from megatron_mgrpo.train.checkpoint import save_checkpoint
-        from tests.unit.models.test_weight_map import tiny
+        from tests.helpers import tiny
 
         init_distributed(launch=Launch(0, 1, 0, "127.0.0.1", port))
         hf = tiny("qwen3")

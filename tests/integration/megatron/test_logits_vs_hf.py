@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.parallel.ports import free_port
-from tests.unit.models.test_weight_map import tiny
+from tests.helpers import tiny
 
 # (architecture, tied embeddings): Llama with Llama-3 RoPE scaling, Qwen2 (qkv bias), Qwen3 (q/k norm)
 MODELS = (("llama3", False), ("qwen2", False), ("qwen3", False), ("qwen3", True))

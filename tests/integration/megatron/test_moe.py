@@ -6,8 +6,8 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.parallel.ports import free_port
+from tests.helpers import tiny
 from tests.integration.megatron.test_logits_vs_hf import check_logits
-from tests.unit.models.test_weight_map import tiny
 
 MOE_MODELS = (("qwen3_moe", False), ("qwen3_moe_unnormed", False), ("mixtral", False))
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (tp, pp, ep)

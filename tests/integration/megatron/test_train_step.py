@@ -9,7 +9,7 @@ from megatron_mgrpo.algo import policy_loss
 from megatron_mgrpo.config import load_config
 from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.train.batching import TrainSequences
-from tests.unit.models.test_weight_map import tiny
+from tests.helpers import tiny
 
 TEMPERATURE = 1.1
 MOMENTUM = 0.5  # large, so one EMA step moves the momentum copy visibly
@@ -94,6 +94,7 @@ def reference():
     return launch(1, 1, 1)[0]
 
 
+@pytest.mark.slow
 def test_scores_match_hf_and_the_step_learns(reference):
     """Scored with prompts shared among responses, each response's log-probs are those of the HF
     model reading that sequence alone."""
@@ -114,6 +115,7 @@ def test_scores_match_hf_and_the_step_learns(reference):
     assert gain > 0
 
 
+@pytest.mark.slow
 def test_a_step_with_shared_prompts_equals_one_without(reference):
     """Prompt sharing changes only how the sequences are laid out: scores, loss and gradient
     norm equal those of one row per sequence."""

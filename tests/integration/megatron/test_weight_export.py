@@ -5,7 +5,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mgrpo.parallel.ports import free_port
-from tests.unit.models.test_weight_map import tiny
+from tests.helpers import tiny
 
 
 def export_and_push(rank: int, world: int, port: int) -> None:

@@ -77,6 +77,7 @@ def test_unreadable_sources(tmp_path):
         load_prompts(write_jsonl(tmp_path / "e.jsonl", ["{oops"]))
 
 
+@pytest.mark.slow
 def test_synthetic_tasks_are_deterministic_across_processes():
     for task in ("arithmetic", "chain_sum", "gsm"):
         first = synthetic_prompts(task, 5, seed=3)

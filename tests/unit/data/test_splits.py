@@ -61,6 +61,7 @@ def test_builtin_splits_are_disjoint_at_default_sizes_for_two_seeds(task):
         assert overlap(seen[name][0], seen[other][1]) == overlap(seen[name][1], seen[other][0]) == 0
 
 
+@pytest.mark.slow
 def test_the_same_config_gives_the_same_questions():
     """The default data are pinned by fingerprint: a changed generator (a reasoning-gym release
     that builds other questions) fails here instead of silently changing every result."""
@@ -70,6 +71,7 @@ def test_the_same_config_gives_the_same_questions():
                                       "eval": "0329799676d5e187"}
 
 
+@pytest.mark.slow
 def test_a_split_too_small_for_the_size_asked_is_a_clear_error():
     with pytest.raises(DataError, match=r"builtin:small_sums yielded only \d+ distinct questions for its eval "
                                         r"split .* fewer than eval.prompts=5000: lower eval.prompts"):

@@ -39,6 +39,7 @@ def _dry_run(script: str, nodelist: str, nodes: int, *overrides: str, **env: str
     return out.stdout
 
 
+@pytest.mark.slow
 def test_single_node_script_renders_colocated_commands():
     out = _dry_run("mgrpo_qwen3_4b_1node.sbatch", "h100-07", 1, "train.steps=3")
     commands = [line.strip() for line in out.splitlines() if line.startswith("  srun")]
@@ -52,6 +53,7 @@ def test_single_node_script_renders_colocated_commands():
                           "checkpoint.resume=true launch.engine_python=python3 train.steps=3")
 
 
+@pytest.mark.slow
 def test_container_image_from_the_environment_wraps_every_step():
     """CONTAINER_IMAGE alone mounts the submit directory at its own path and works there, so the run's
     relative paths resolve alike inside and outside; CONTAINER_MOUNTS / CONTAINER_WORKDIR replace that."""
@@ -69,6 +71,7 @@ def test_container_image_from_the_environment_wraps_every_step():
     assert len(commands) == 9 and all(flags in c for c in commands)
 
 
+@pytest.mark.slow
 def test_disaggregated_script_renders_moe_pools():
     out = _dry_run("mgrpo_disaggregated.sbatch", "gpu-[001-004,010-013]", 8,
                    CONFIG="examples/configs/mgrpo_qwen3_30b_a3b_math.yaml",

@@ -1,6 +1,7 @@
 import sys
 
 import httpx
+import pytest
 
 from megatron_mgrpo.launch.render import Engine, Step
 from megatron_mgrpo.launch.runner import run_steps
@@ -14,6 +15,7 @@ SERVER = ("import http.server, sys\n"
           "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
 
 
+@pytest.mark.slow
 def test_servers_are_healthy_before_the_trainer_and_stopped_after(tmp_path):
     port = free_port()
     marker = tmp_path / "trainer-saw-server"

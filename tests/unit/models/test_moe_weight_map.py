@@ -15,7 +15,7 @@ from megatron_mgrpo.models.weight_map import (
     megatron_to_hf,
     merge_expert_shards,
 )
-from tests.unit.models.test_weight_map import MOE, tiny
+from tests.helpers import MOE, tiny
 
 KINDS = ("qwen3_moe", "mixtral")
 

@@ -4,54 +4,13 @@ import pytest
 import torch
 from transformers import (
     LlamaConfig,
-    LlamaForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
     Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
 )
 
 from megatron_mgrpo.models.hf_config import gpt_model_kwargs, model_spec_from_hf, padded_vocab
 from megatron_mgrpo.models.weight_map import hf_to_megatron, megatron_to_hf
-
-# initializer_range 0.1 (HF default 0.02) sharpens attention, so a mapping error in q / k or RoPE moves
-# the logits by far more than the 1e-4 the integration tests allow (Llama-3 scaling left out: 1e-2)
-COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
-
-
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 1e6}
-
-
-#: 2 MoE layers of 4 experts, top-2; expert intermediate 32 (Qwen3-MoE) / 96 (Mixtral, from COMMON)
-MOE = dict(COMMON, num_hidden_layers=2, num_experts_per_tok=2)
-
-
-def tiny(kind: str, tied: bool = False):
-    """A small random HF model; "llama3" is Llama with Llama-3 RoPE scaling (base 1e6: at 16
-    channels a third of the frequencies are rescaled, which moves logits within ~50 tokens);
-    "qwen3_moe" renormalises the top-k router probabilities as released Qwen3-MoE models do,
-    "qwen3_moe_unnormed" does not (norm_topk_prob=False)."""
-    torch.manual_seed(0)
-    if kind.startswith("qwen3_moe"):
-        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE, head_dim=16, num_experts=4, moe_intermediate_size=32,
-                                                  norm_topk_prob=kind == "qwen3_moe", tie_word_embeddings=tied))
-    if kind == "mixtral":
-        return MixtralForCausalLM(MixtralConfig(**MOE, num_local_experts=4, tie_word_embeddings=tied))
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=tied))
-    if kind == "llama3":
-        config = LlamaConfig(**{**COMMON, "max_position_embeddings": 16384}, rope_scaling=LLAMA3_ROPE,
-                             tie_word_embeddings=tied)
-        return LlamaForCausalLM(config)
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=tied))
-    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=tied))
+from tests.helpers import COMMON, tiny
 
 
 @pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)])

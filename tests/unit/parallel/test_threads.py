@@ -43,6 +43,7 @@ def _run(code: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow
 def test_a_helper_thread_starts_an_openmp_team_of_its_own_unless_confined():
     # unconfined: the helper inherits 2 threads and its copy starts a second team (one new thread)
     assert _run(HELPER_THREAD.format(confine=False)) == ["None", "2", "2", "1"]

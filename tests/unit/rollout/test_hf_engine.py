@@ -3,15 +3,7 @@ import torch
 
 from megatron_mgrpo.rollout import RolloutEngine, SamplingParams
 from megatron_mgrpo.rollout.hf_engine import HFEngine
-
-
-def teacher_forced_logprobs(model, sample, temperature):
-    """Log-probs of the response tokens from one full forward, no cache, no padding."""
-    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(sample.prompt_ids) - 1:-1].float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    return logprobs.gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
+from tests.helpers import teacher_forced_logprobs
 
 
 @pytest.fixture
@@ -157,7 +149,7 @@ def test_moe_update_with_checkpoint_names_reaches_the_fused_experts(kind, tokeni
     them fused in memory. An update must land in the right expert, gate and up halves included."""
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.models.weight_map import checkpoint_layout
-    from tests.unit.models.test_weight_map import tiny
+    from tests.helpers import tiny
 
     engine_model, target = tiny(kind).eval(), tiny(kind).eval()
     with torch.no_grad():

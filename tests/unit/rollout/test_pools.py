@@ -6,8 +6,7 @@ from megatron_mgrpo.rollout.hf_engine import HFEngine
 from megatron_mgrpo.rollout.pool_push import pool_weight_push
 from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
 from megatron_mgrpo.rollout.types import Sample
-
-from .test_hf_engine import teacher_forced_logprobs
+from tests.helpers import teacher_forced_logprobs
 
 
 def test_momentum_samples_come_from_momentum_weights(make_tiny_qwen3, tokenizer):

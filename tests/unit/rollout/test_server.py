@@ -47,6 +47,7 @@ def alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
+@pytest.mark.slow
 def test_start_health_and_stop_whole_group(tmp_path):
     server = ServerProcess(spec_for(tmp_path, "serve"))
     with server:
@@ -58,6 +59,7 @@ def test_start_health_and_stop_whole_group(tmp_path):
     assert "fake server up" in (tmp_path / "logs" / "server.log").read_text()
 
 
+@pytest.mark.slow
 def test_crash_during_startup_quotes_the_log(tmp_path):
     server = ServerProcess(spec_for(tmp_path, "crash"))
     with pytest.raises(ServerError, match="exited with code 3") as err:
@@ -67,6 +69,7 @@ def test_crash_during_startup_quotes_the_log(tmp_path):
     assert not alive(int((tmp_path / "child.pid").read_text()))
 
 
+@pytest.mark.slow
 def test_never_healthy_times_out_and_cleans_up(tmp_path):
     server = ServerProcess(spec_for(tmp_path, "mute", timeout=2.0))
     with pytest.raises(ServerError, match="not healthy .* after 2 s"):
@@ -75,6 +78,7 @@ def test_never_healthy_times_out_and_cleans_up(tmp_path):
     assert not alive(int((tmp_path / "child.pid").read_text()))
 
 
+@pytest.mark.slow
 def test_wrong_api_key_is_not_healthy(tmp_path):
     spec = spec_for(tmp_path, "serve")
     with ServerProcess(spec) as server:
@@ -82,6 +86,7 @@ def test_wrong_api_key_is_not_healthy(tmp_path):
         assert not server.healthy()
 
 
+@pytest.mark.slow
 def test_a_port_another_server_answers_on_is_refused(tmp_path):
     """Starting where a server already answers would take its health for ours while ours fails
     to bind; it is an error instead, and the running server is left alone."""

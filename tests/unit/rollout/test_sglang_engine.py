@@ -47,6 +47,7 @@ def engine(tmp_path):
     engine.shutdown()
 
 
+@pytest.mark.slow
 def test_generate_push_retry_and_restart_with_repush(engine, tmp_path):
     assert isinstance(engine, RolloutEngine) and engine.health()["engine"] == "sglang"
     prompts = [[5, 6, 7], [9]]
@@ -71,6 +72,7 @@ def test_generate_push_retry_and_restart_with_repush(engine, tmp_path):
     assert [r["weight_version"] for r in requests(tmp_path, "/update_weights_from_disk")] == ["3", "3"]
 
 
+@pytest.mark.slow
 def test_push_replaces_the_previous_snapshot(engine, tmp_path):
     engine.update_weights(weights(1.0), version=1)
     first = Path(requests(tmp_path, "/update_weights_from_disk")[0]["model_path"])
@@ -80,6 +82,7 @@ def test_push_replaces_the_previous_snapshot(engine, tmp_path):
     assert not Path(requests(tmp_path, "/update_weights_from_disk")[1]["model_path"]).exists()
 
 
+@pytest.mark.slow
 def test_tensor_mode_resumes_memory_around_bucketed_pushes(tmp_path):
     (tmp_path / "model").mkdir()
     engine = make_engine(tmp_path, weight_sync="tensor", tp_size=2, bucket_bytes=16)
@@ -99,6 +102,7 @@ def test_tensor_mode_resumes_memory_around_bucketed_pushes(tmp_path):
         engine.shutdown()
 
 
+@pytest.mark.slow
 def test_distributed_mode_sends_weights_through_a_real_weight_group(tmp_path):
     """The fake server joins a gloo group with the engine's broadcaster and receives each bucket by
     broadcast: what SGLang does over NCCL. The group is formed once and reused; a restarted server
@@ -138,6 +142,7 @@ def test_distributed_mode_sends_weights_through_a_real_weight_group(tmp_path):
     assert broadcaster.group is None
 
 
+@pytest.mark.slow
 def test_a_refused_group_join_is_an_error_at_once(tmp_path):
     """A server that refuses to join (here: the fake, asked for two TP ranks) fails the push with
     its own reason, without waiting out the rendezvous timeout."""
@@ -153,6 +158,7 @@ def test_a_refused_group_join_is_an_error_at_once(tmp_path):
         engine.shutdown()
 
 
+@pytest.mark.slow
 def test_a_pool_shares_one_weight_group_and_broadcasts_each_bucket_once(tmp_path, monkeypatch):
     """Three fake servers hold ranks 1, 2, 3 of one gloo group: each push names every bucket to
     each server while rank 0 broadcasts each tensor once for all of them. The group is formed at
@@ -244,6 +250,7 @@ def test_routed_experts_become_per_layer_tensors(tmp_path):
         engine.shutdown()
 
 
+@pytest.mark.slow
 def test_attached_server_is_used_but_never_started_or_stopped(tmp_path):
     """A server a launcher started (as `mgrpo launch` does on the rollout nodes): the engine talks
     to it at its URL, writes weights where the server can read them, leaves it running at
@@ -299,6 +306,7 @@ def test_bad_configurations_name_the_fix(tmp_path):
         SGLangEngine(tmp_path, routed_experts=True)
 
 
+@pytest.mark.slow
 def test_requests_failing_together_restart_the_server_once(engine, tmp_path):
     engine.update_weights(weights(0.5), version=4)
     os.killpg(engine.server._proc.pid, signal.SIGKILL)

@@ -34,6 +34,7 @@ def verdicts(requests):
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_payload_we_send_is_a_valid_sglang_request():
     named = [("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.zeros(2, 3, dtype=torch.bfloat16))]
     broadcaster = WeightBroadcaster("10.0.0.1", 29555, 3, backend="nccl", device="cpu")
@@ -56,6 +57,7 @@ def test_every_payload_we_send_is_a_valid_sglang_request():
                                   "world_size": 3, "group_name": "mgrpo_weights", "backend": "nccl"}
 
 
+@pytest.mark.slow
 def test_the_checker_rejects_what_sglang_rejects():
     requests = [("/generate", {"input_ids": [1], "sampling_params": {"max_tokens": 3}}),  # OpenAI's name
                 ("/generate", {"input_ids": [1], "sampling_params": {"top_p": 0.0}}),

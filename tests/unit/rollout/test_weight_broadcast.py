@@ -33,6 +33,7 @@ def fake_server_rank(rank, port, world_size, manifest, out_queue):
     dist.destroy_process_group(group)
 
 
+@pytest.mark.slow
 def test_server_ranks_receive_exactly_what_rank0_broadcast():
     tensors = sent_tensors()
     manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()]

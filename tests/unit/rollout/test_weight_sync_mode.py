@@ -79,6 +79,7 @@ def launched_server(tmp_path, name):
              "FAKE_SGLANG_DIR": str(tmp_path / name)}))
 
 
+@pytest.mark.slow
 def test_trainer_attaches_disaggregated_sglang_servers_through_one_weight_group(tmp_path, monkeypatch):
     """The trainer's wiring end to end on CPU: the two (fake) SGLang servers named in
     MGRPO_POLICY_URLS share one gloo group, ranks 1 and 2, and receive weights through it; when

@@ -120,7 +120,7 @@ def test_prompt_sharing_follows_the_attention_in_use(monkeypatch):
     from megatron_mgrpo.models import hf_config
     from megatron_mgrpo.models.hf_config import model_spec_from_hf
     from megatron_mgrpo.train.policy import prompt_sharing
-    from tests.unit.models.test_weight_map import tiny
+    from tests.helpers import tiny
 
     spec = model_spec_from_hf(tiny("qwen3").config)
     assert prompt_sharing("never", spec) is None
