@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -35,12 +34,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mgrpo.train import CheckpointError
+from megatron_mgrpo.train.checkpoint_state import (
+    OPTIMIZER_METADATA,
+    as_list,
+    chunk_key,
+    copy_into,
+    layout,
+    materialise_optimizer_state,
+    model_state,
+    only_models,
+    rng_sharded_object,
+    set_rng_state,
+    unshare_adam_steps,
+    unwrapped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +65,6 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 _TEMP_DIR = re.compile(r"step_\d+\.tmp-\d+")
 #: what a checkpoint that does not load is renamed to (`<name>.corrupt-<n>`): never picked or pruned
 CORRUPT_SUFFIX = ".corrupt-"
-MOMENTUM_PREFIX = "momentum."
-#: The distributed optimizer's state stored per parameter in the canonical (unsharded) layout, so
-#: it reshards over TP / PP / DP; megatron-core 0.16.1 rejects its old default (flattened ranges).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
 
 class UnreadableCheckpoint(CheckpointError):
     """A complete checkpoint whose files cannot be read."""
@@ -112,12 +119,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_chunks, *, opti
         raise ValueError(f"keep_last={keep_last} must be >= 1 (or None to keep every checkpoint)")
     from megatron.core import dist_checkpointing
 
-    chunks = _unwrapped(model_chunks)
-    state = _model_state(chunks, _as_list(momentum) if momentum is not None else None)
+    chunks = unwrapped(model_chunks)
+    state = model_state(chunks, as_list(momentum) if momentum is not None else None)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(_only_models(state), metadata=OPTIMIZER_METADATA)
-    state["rng_state"] = _rng_sharded_object()
-    state["common"] = {"format_version": FORMAT_VERSION, "step": step, "layout": _layout(len(chunks)),
+        state["optimizer"] = optimizer.sharded_state_dict(only_models(state), metadata=OPTIMIZER_METADATA)
+    state["rng_state"] = rng_sharded_object()
+    state["common"] = {"format_version": FORMAT_VERSION, "step": step, "layout": layout(len(chunks)),
                        "parts": [name for name, part in (("optimizer", optimizer), ("scheduler", scheduler),
                                                          ("momentum", momentum)) if part is not None],
                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -170,17 +177,17 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
     for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("momentum", momentum)):
         if part is not None and name not in saved["parts"]:
             raise ValueError(f"{path} was saved without the {name}: load it without `{name}=`")
-    chunks = _unwrapped(model_chunks)
-    state = _model_state(chunks, _as_list(momentum) if momentum is not None else None)
+    chunks = unwrapped(model_chunks)
+    state = model_state(chunks, as_list(momentum) if momentum is not None else None)
     if optimizer is not None:
-        _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(_only_models(state), is_loading=True,
+        materialise_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(only_models(state), is_loading=True,
                                                           metadata=OPTIMIZER_METADATA)
     if not load_model:
         state = {key: value for key, value in state.items() if not key.startswith("model")}
-    same_layout = saved["layout"] == _layout(len(chunks))
+    same_layout = saved["layout"] == layout(len(chunks))
     if restore_rng and same_layout:
-        state["rng_state"] = _rng_sharded_object()
+        state["rng_state"] = rng_sharded_object()
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as err:  # torch's reader raises the latter, a BaseException
@@ -188,17 +195,17 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, *, optimizer=None, sc
         raise UnreadableCheckpoint(f"cannot read {path}: {damaged}: {_last_line(err)}") from err
     if load_model:
         for index, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
+            chunk.load_state_dict(loaded[chunk_key(index, len(chunks))], strict=True)
     if momentum is not None:
-        for index, tensors in enumerate(_as_list(momentum)):
-            _copy_into(tensors, loaded[f"momentum_{_chunk_key(index, len(chunks))}"])
+        for index, tensors in enumerate(as_list(momentum)):
+            copy_into(tensors, loaded[f"momentum_{chunk_key(index, len(chunks))}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     if "rng_state" in state:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return LoadedCheckpoint(path=path, step=saved["step"], common=saved["user"], rng_restored="rng_state" in state)
 
 
@@ -294,52 +301,6 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """Give a fresh megatron optimizer the state entries that a load fills in.
-
-    Without apex / Transformer Engine, megatron's optimizers wrap torch's Adam, whose per-parameter
-    state (its `step` included) only exists after a first step, and megatron-core 0.16.1's
-    `state_dict()` asserts on it; so a fresh optimizer takes one step with zero gradients at a
-    zero learning rate, which leaves every parameter unchanged (the load replaces the state).
-    """
-    inner_optimizers = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
-    for inner in inner_optimizers:
-        if inner is None or inner.state:
-            continue
-        rates = [group["lr"] for group in inner.param_groups]
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
-        for group, rate in zip(inner.param_groups, rates):
-            group["lr"] = rate
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter's Adam state its own `step` tensor after a load.
-
-    Without apex / Transformer Engine, megatron-core 0.16.1 restores torch Adam's per-parameter
-    `step` as ONE tensor shared by all parameters; torch increments it in place once per
-    parameter, so after the first resumed step it counts steps x parameters and the bias
-    correction is wrong (a resumed run drifts from an uninterrupted one)."""
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
-        for state in inner.state.values() if inner is not None else ():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
-def _copy_into(targets: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:
-    """Copy loaded tensors into the caller's (factories such as the fused SwiGLU weight return new
-    tensors on load instead of filling the given ones)."""
-    with torch.no_grad():
-        for name, target in targets.items():
-            if loaded[name] is not target:
-                target.copy_(loaded[name])
-
-
 def copy_non_weight_files(source: str | os.PathLike, target: Path) -> None:
     """Copy the top-level files of an HF directory except the weights (config, tokenizer, ...)."""
     target.mkdir(parents=True, exist_ok=True)
@@ -350,99 +311,6 @@ def copy_non_weight_files(source: str | os.PathLike, target: Path) -> None:
 
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json"))
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _unwrapped(model_chunks) -> list:
-    """The models inside DDP / Float16Module wrappers: a wrapper would prefix every key with
-    `module.`, and a checkpoint must not depend on how the model was wrapped."""
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(_as_list(model_chunks))
-
-
-def _chunk_key(index: int, count: int) -> str:
-    return "model" if count == 1 else f"model{index}"
-
-
-def _layout(num_chunks: int) -> dict[str, int]:
-    from megatron.core import parallel_state as ps
-
-    return {"world_size": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
-            "chunks": num_chunks}
-
-
-def _model_state(chunks: list, momentum: list[Mapping[str, torch.Tensor]] | None) -> dict[str, Any]:
-    """The sharded state of every chunk and, if given, of its momentum tensors."""
-    if momentum is not None and len(momentum) != len(chunks):
-        raise ValueError(f"momentum has {len(momentum)} mappings for {len(chunks)} model chunks: give one per chunk")
-    state = {}
-    for index, chunk in enumerate(chunks):
-        key = _chunk_key(index, len(chunks))
-        state[key] = chunk.sharded_state_dict()
-        if momentum is not None:
-            state[f"momentum_{key}"] = momentum_sharded_tensors(state[key], momentum[index])
-    return state
-
-
-def _only_models(state: dict[str, Any]) -> dict[str, Any]:
-    """The model part that a megatron optimizer maps its parameters against."""
-    return {key: value for key, value in state.items() if key.startswith("model")}
-
-
-def momentum_sharded_tensors(model_sharded: Mapping[str, Any], momentum: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The momentum copy with each parameter's sharding (ShardedTensor or, for the fused SwiGLU
-    weight, ShardedTensorFactory) under a prefixed key.
-
-    The names must be exactly the model's parameter names that appear in its sharded state dict,
-    with the parameters' shapes: a missing or extra name is an error, since a partial EMA would
-    silently restart from zero.
-    """
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-    params = {name: value for name, value in model_sharded.items()
-              if isinstance(value, (ShardedTensor, ShardedTensorFactory))}
-    missing, unexpected = sorted(params.keys() - momentum.keys()), sorted(momentum.keys() - params.keys())
-    if missing or unexpected:
-        raise ValueError(f"momentum tensors do not match the model's parameters: missing {missing}, "
-                         f"not parameters {unexpected}")
-    out = {}
-    for name, sharded in params.items():
-        tensor = momentum[name]
-        shape = sharded.data.shape if isinstance(sharded, ShardedTensorFactory) else sharded.local_shape
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"momentum[{name!r}] has shape {tuple(tensor.shape)}, its parameter {tuple(shape)}")
-        extra = {} if isinstance(sharded, ShardedTensorFactory) else {"dtype": tensor.dtype}
-        out[name] = dataclasses.replace(sharded, key=MOMENTUM_PREFIX + sharded.key, data=tensor, **extra)
-    return out
-
-
-def _rng_sharded_object():
-    """This rank's RNG states (python, numpy, torch, megatron's model-parallel streams, CUDA)."""
-    from megatron.core.dist_checkpointing import ShardedObject
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "tracker": get_cuda_rng_tracker().get_states(),
-              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return ShardedObject("rng_state", states, (world,), (rank,), replica_id=0)
-
-
-def _set_rng_state(states: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    get_cuda_rng_tracker().set_states(states["tracker"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _agree_on_temp_dir(final: Path) -> Path:
