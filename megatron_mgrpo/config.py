@@ -93,6 +93,13 @@ class RolloutConfig:
     max_new_tokens: int = option(1024, "maximum response length in tokens", ge=1)
     momentum_sync_interval: int = option(1, "push the momentum weights to the momentum engines every "
                                             "this many optimizer steps", ge=1)
+    max_staleness: int = option(0, "asynchronous rollout: the policy pool samples up to this many steps ahead "
+                                   "of the trainer, with weights at most this many versions old (the scoring "
+                                   "pass gives the old log-probs, TIS corrects engine vs trainer); 0 = "
+                                   "synchronous", ge=0)
+    momentum_max_staleness: int = option(0, "the same bound for the momentum pool, in steps past the momentum "
+                                            "push the synchronous step would use (the momentum model moves "
+                                            "slowly, so its samples can be made further ahead)", ge=0)
 
 
 @dataclass
@@ -470,6 +477,10 @@ def validate(cfg: Config) -> None:
     if cfg.reward.vote_pool == "momentum" and cfg.reward.label_source != "mgrpo":
         raise ConfigError(f"reward.vote_pool=momentum votes with the momentum model's samples, which only "
                           f"reward.label_source=mgrpo draws (got {cfg.reward.label_source!r}): use vote_pool=pool")
+    if cfg.rollout.momentum_max_staleness and cfg.reward.label_source != "mgrpo":
+        raise ConfigError(f"rollout.momentum_max_staleness={cfg.rollout.momentum_max_staleness} bounds the momentum "
+                          f"pool, which only reward.label_source=mgrpo samples from (got "
+                          f"{cfg.reward.label_source!r}): set it to 0")
     if cfg.algo.kl_reference == "momentum" and cfg.reward.label_source != "mgrpo":
         raise ConfigError(
             f"algo.kl_reference=momentum needs the momentum model, which only "

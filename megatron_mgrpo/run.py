@@ -65,7 +65,8 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             start, state = loaded.step, loaded.common
             say(f"resumed from {loaded.path} (step {start})")
         earlier_seconds = state.get("wall_seconds", 0.0)  # of the processes before this one, up to the checkpoint
-        trainer.sync_weights(start)  # also servers a launcher started from model.path get the weights we start from
+        # every pool gets the weights we start from (also servers a launcher started from model.path)
+        trainer.sync_weights(start, every_pool=True)
         state["momentum_shard_mib"] = round(policy.momentum.nbytes / 2**20, 2)  # rank 0's fp32 EMA shards
         if rank0:
             sink = metrics_lib.MetricsSink(run_dir, cfg.train.steps, start_step=start, wandb_mode=cfg.log.wandb,
@@ -74,6 +75,7 @@ def train(cfg: Config, run_dir: Path, console=None) -> dict:
             if start == 0 and trainer.eval_prompts:
                 state["initial_true_accuracy"] = trainer.true_accuracy()
             sink.timer.take()  # set-up time is not step 0's
+        trainer.start_rollout(start)
         preempted = _PreemptionRequest()
         for step in range(start, cfg.train.steps):
             phase = sink.phase if rank0 else (lambda name: contextlib.nullcontext())

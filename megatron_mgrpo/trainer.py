@@ -32,9 +32,9 @@ from megatron_mgrpo.config import Config
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.evaluate import grade_prompts
 from megatron_mgrpo.parallel.collectives import broadcast_from_rank0
-from megatron_mgrpo.reward.labels import PromptGroup, make_label_source, pseudo_label_accuracy
-from megatron_mgrpo.reward.voting import vote
+from megatron_mgrpo.reward.labels import PromptGroup, make_label_source
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
+from megatron_mgrpo.step_metrics import filter_metrics, gold_correct, label_metrics, rollout_metrics
 from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
 
 
@@ -77,10 +77,13 @@ class Trainer:
         self.gold = {r.id: r.gold_answer for r in prompts}  # monitoring only, and label_source=gt
         # the step scores its samples before the loss only where that is needed: the IQR filter's
         # entropies, Intuitor's self-certainty, the old log-probs of several updates per rollout
+        # entropies, Intuitor's self-certainty, the old log-probs of several updates per rollout or
+        # of samples made on older weights (asynchronous rollout)
         self.score_first = (cfg.algo.iqr_filter or cfg.train.updates_per_rollout > 1
-                            or cfg.reward.label_source == "intuitor")
+                            or cfg.reward.label_source == "intuitor" or cfg.rollout.max_staleness > 0)
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed))
         self.pools = self.grader = self.labels = None
+        self.producers = {}  # pool name -> RolloutProducer, with asynchronous rollout (rank 0)
         if self.rank0:
             self._start_rank0_services(hf_model)
 
@@ -114,6 +117,9 @@ class Trainer:
             graded = broadcast_from_rank0(self.rewards(batch, samples, scores) if self.rank0 else None)
         with phase("anchor"):  # monitoring only: how far the momentum model is from the policy
             anchor = self.anchor_metrics(sequences, scores, len(batch)) if self.anchor_due(step) else {}
+            if self.rank0:
+                anchor |= rollout_metrics(self.sample_versions, step, cfg.rollout.max_staleness,
+                                          sum(p.regenerated for p in self.producers.values()), sequences, scores, m, g)
         with phase("filter"):
             entropy = torch.tensor([h.mean() if len(h) else math.nan for h in scores.entropy]).view(len(batch), g) \
                 if scores is not None else None
@@ -134,7 +140,7 @@ class Trainer:
         return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl, **anchor,
                 "entropy/mean": float(entropy[:, :m].nanmean()) if scores is not None else trained_entropy,
                 "iqr/drop_rate": float(1 - keep.float().mean()), "iqr/kept": int(keep.sum()),
-                **_filter_metrics(graded, confident), **({"momentum/m": momentum} if self.n else {}),
+                **filter_metrics(graded, confident), **({"momentum/m": momentum} if self.n else {}),
                 "generated_tokens": graded.generated_tokens}
 
     def anchor_due(self, step: int) -> bool:
@@ -207,11 +213,39 @@ class Trainer:
                               seed=self.cfg.train.seed + 1000 * step + offset)
 
     def sample(self, batch: list[int], step: int) -> list[list[Sample]]:
-        """Per prompt, its M policy samples then its N momentum samples (rank 0)."""
-        prompts = [self.prompt_ids[i] for i in batch]
-        policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step),
-                                                             self.sampling(step, offset=1))
+        """Per prompt, its M policy samples then its N momentum samples (rank 0): made now, or
+        taken from the producers that made them ahead (asynchronous rollout)."""
+        if self.producers:
+            policy_samples = self.producers["policy"].take(step)
+            momentum_samples = self.producers["momentum"].take(step) if self.n else [[] for _ in batch]
+        else:
+            prompts = [self.prompt_ids[i] for i in batch]
+            policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step),
+                                                                 self.sampling(step, offset=1))
+        self.sample_versions = [s.weights_version for group in policy_samples for s in group]
         return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
+
+    def start_rollout(self, start: int, bounds: tuple[int, int] | None = None) -> None:
+        """Start the producers that make the steps' samples ahead, from step `start` on (rank 0;
+        after the engines got its weights), with the (policy, momentum) staleness `bounds`, by
+        default rollout.max_staleness and momentum_max_staleness when either is > 0."""
+        r = self.cfg.rollout
+        if bounds is None and (r.max_staleness or r.momentum_max_staleness):
+            bounds = (r.max_staleness, r.momentum_max_staleness)
+        if not self.rank0 or bounds is None:
+            return
+        from megatron_mgrpo.rollout.producer import RolloutProducer
+
+        def pool_samples(pool: str, count: int, offset: int):
+            return lambda step: getattr(self.pools, pool).generate(
+                [self.prompt_ids[i] for i in self.batch_indices(step)], count, self.sampling(step, offset))
+
+        self.producers["policy"] = RolloutProducer(self.pools.policy, pool_samples("policy", self.m, 0),
+                                                   bound=bounds[0], start=start, end=self.cfg.train.steps)
+        if self.n:
+            self.producers["momentum"] = RolloutProducer(
+                self.pools.momentum, pool_samples("momentum", self.n, 1), bound=bounds[1],
+                start=start, end=self.cfg.train.steps, sync_interval=r.momentum_sync_interval)
 
     def rewards(self, batch: list[int], samples: list[list[Sample]], scores) -> Rewards:
         """Extract, vote and reward (rank 0). Intuitor's reward is each policy response's
@@ -232,49 +266,9 @@ class Trainer:
             trainable[p, :len(result.rewards)] = result.trained
         flat = [s for group in samples for s in group]
         prompt_ids = [self.prompts[i].id for i in batch]
-        metrics = self.label_metrics(groups, results, flat, prompt_ids)
-        return Rewards(rewards, trainable, self.gold_correct(groups, prompt_ids), metrics,
+        metrics = label_metrics(groups, results, flat, prompt_ids, self.gold, self.grader, momentum=bool(self.n))
+        return Rewards(rewards, trainable, gold_correct(groups, prompt_ids, self.gold, self.grader, m), metrics,
                        sum(len(s.response_ids) for s in flat))
-
-    def gold_correct(self, groups, prompt_ids: list[str]) -> torch.Tensor:
-        """[P, M]: whether each policy answer equals gold (NaN where the prompt has none). Monitoring only."""
-        correct = torch.full((len(groups), self.m), math.nan)
-        pools = [[self.gold.get(pid)] + g.policy_answers for g, pid in zip(groups, prompt_ids)]
-        for p, (pool, classes) in enumerate(zip(pools, self.grader.group_many(pools))):
-            if pool[0] is not None:
-                correct[p] = torch.tensor([float(classes[0] is not None and c == classes[0]) for c in classes[1:]])
-        return correct
-
-    def label_metrics(self, groups, results, samples: list[Sample], prompt_ids: list[str]) -> dict[str, float]:
-        """Label-free health signals, plus pseudo-label accuracy against gold (monitoring only)."""
-        answered = [a is not None for g in groups for a in g.policy_answers]
-        metrics = {"reward/mean": float(torch.tensor([r for res in results for r in res.rewards]).mean()),
-                   "label/labelled": sum(r.trained for r in results) / len(results),
-                   "label/share_mean": sum(r.share for r in results) / len(results),
-                   "answer/rate": sum(answered) / len(answered),
-                   "response/length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
-                   "response/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
-        accuracy = pseudo_label_accuracy(results, prompt_ids, self.gold, self.grader)
-        if accuracy is not None:
-            metrics["label/accuracy"] = accuracy
-        if self.n:
-            metrics |= self.vote_metrics(groups, results, prompt_ids)
-        return metrics
-
-    def vote_metrics(self, groups, results, prompt_ids: list[str]) -> dict[str, float]:
-        """What the momentum model's votes do (monitoring only): does the policy's own vote agree
-        with the momentum model's, how often the label differs from the policy-only vote (flip
-        rate), and how often each vote (policy alone, momentum alone, the label) equals gold."""
-        rows = [[self.gold.get(pid), r.label, vote(g.policy_answers, self.grader).label,
-                 vote(g.momentum_answers, self.grader).label] for g, r, pid in zip(groups, results, prompt_ids)]
-        classes = self.grader.group_many(rows)
-        metrics = {"label/agreement": _share([c[2] is not None and c[2] == c[3] for c in classes]),
-                   "anchor/flip_rate": _share([c[1] != c[2] for c in classes])}
-        graded = [c for row, c in zip(rows, classes) if row[0] is not None]
-        for name, column in (("label", 1), ("policy", 2), ("momentum", 3)):
-            if graded:
-                metrics[f"vote/{name}_correct"] = _share([c[column] is not None and c[column] == c[0] for c in graded])
-        return metrics
 
     def true_accuracy(self, pool: str = "policy") -> float | None:
         """pass@1 of the current policy (or momentum model) on the evaluation prompts, averaged over
@@ -289,12 +283,13 @@ class Trainer:
         scores = grade_prompts(answers, [r.gold_answer for r in self.eval_prompts], self.grader)
         return sum(s.correct for s in scores) / (e.samples * len(scores))
 
-    def sync_weights(self, version: int) -> None:
-        """Push the policy to the policy engines, and the momentum weights at their own interval.
+    def sync_weights(self, version: int, every_pool: bool = False) -> None:
+        """Push the policy to the policy engines, and the momentum weights at their own interval
+        (`every_pool`: now, as when a run starts or resumes).
 
         Every rank walks the export (it gathers over TP, EP and stages); rank 0 hands the tensors
         to its engines."""
-        momentum_due = self.n and version % self.cfg.rollout.momentum_sync_interval == 0
+        momentum_due = self.n and (every_pool or version % self.cfg.rollout.momentum_sync_interval == 0)
         names = ["policy", "momentum"] if momentum_due else ["policy"]
         for name in names:
             weights = self.policy.hf_weights(name)
@@ -306,6 +301,8 @@ class Trainer:
             getattr(self.pools, name).update_weights(lambda: iter(named), version)
 
     def close(self) -> None:
+        for producer in self.producers.values():
+            producer.close()
         if self.grader is not None:
             self.grader.close()
         for pool in (self.pools.policy, self.pools.momentum) if self.pools else ():
@@ -320,23 +317,6 @@ def _train_sequences(samples: list[list[Sample]], routing: bool) -> TrainSequenc
     return TrainSequences([s.prompt_ids + s.response_ids for s in flat], [len(s.prompt_ids) for s in flat],
                           {"rollout_logp": [s.logprobs for s in flat]},
                           routing=[s.routed_experts for s in flat] if routing else None)
-
-
-def _filter_metrics(graded: Rewards, confident: torch.Tensor) -> dict[str, float]:
-    """What the IQR filter dropped, against what it kept, among the responses that had a reward:
-    their mean reward and gold correctness (monitoring: does it drop confident correct answers?)."""
-    dropped, kept = ~confident & graded.trainable, confident & graded.trainable
-    metrics = {"iqr/dropped": int(dropped.sum())}
-    for name, mask in (("dropped", dropped), ("kept", kept)):
-        if mask.any():
-            metrics[f"iqr/{name}_reward"] = float(graded.rewards[mask].mean())
-            if not graded.correct[mask].isnan().all():
-                metrics[f"iqr/{name}_correct"] = float(graded.correct[mask].nanmean())
-    return metrics
-
-
-def _share(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else math.nan
 
 
 def _split(count: int, parts: int) -> list[list[int]]:

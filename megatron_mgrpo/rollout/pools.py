@@ -8,6 +8,7 @@ version, makes the provenance of every sample checkable.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -47,11 +48,19 @@ class EnginePool:
         if push is not None and any(engine not in self.engines for engine in push.engines):
             raise ValueError(f"the {name} pool's group push covers engines that are not in the pool")
         self.group_push = push
+        # a generate call and a weight push never overlap (a producer thread may generate while the
+        # trainer pushes): new weights land between requests, and `version` is that of every sample
+        self.version = 0
+        self.updated = threading.Condition()
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt, returned per prompt in input order."""
         if n == 0:
             return [[] for _ in prompts]
+        with self.updated:
+            return self._generate(prompts, n, sampling)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         shards = [list(range(i, len(prompts), len(self.engines))) for i in range(len(self.engines))]
         work = [(engine, shard) for engine, shard in zip(self.engines, shards) if shard]
 
@@ -74,11 +83,14 @@ class EnginePool:
         """Push weights to every engine: those of the weight group together, the others one by
         one; `named_tensors_factory()` yields a fresh iterator each call."""
         together = self.group_push.engines if self.group_push else []
-        for engine in self.engines:
-            if engine not in together:
-                engine.update_weights(named_tensors_factory(), version)
-        if self.group_push:
-            self.group_push.push(named_tensors_factory(), version)
+        with self.updated:
+            for engine in self.engines:
+                if engine not in together:
+                    engine.update_weights(named_tensors_factory(), version)
+            if self.group_push:
+                self.group_push.push(named_tensors_factory(), version)
+            self.version = version
+            self.updated.notify_all()
 
 
 class RolloutPools:
