@@ -9,7 +9,7 @@ version, makes the provenance of every sample checkable.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -49,9 +49,12 @@ class EnginePool:
             raise ValueError(f"the {name} pool's group push covers engines that are not in the pool")
         self.group_push = push
         # a generate call and a weight push never overlap (a producer thread may generate while the
-        # trainer pushes): new weights land between requests, and `version` is that of every sample
+        # trainer pushes): new weights land between requests, and `version` is that of every sample;
+        # a push also waits until every gate allows it (a producer that still has to sample on the
+        # weights held now), so that what is sampled on which weights never depends on timing
         self.version = 0
         self.updated = threading.Condition()
+        self.gates: list[Callable[[], bool]] = []
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt, returned per prompt in input order."""
@@ -84,6 +87,7 @@ class EnginePool:
         one; `named_tensors_factory()` yields a fresh iterator each call."""
         together = self.group_push.engines if self.group_push else []
         with self.updated:
+            self.updated.wait_for(lambda: all(gate() for gate in self.gates))
             for engine in self.engines:
                 if engine not in together:
                     engine.update_weights(named_tensors_factory(), version)

@@ -48,6 +48,8 @@ class RolloutProducer:
         self._results: dict[int, list[list[Sample]] | BaseException] = {}
         self._ready = threading.Condition()
         self._stop = threading.Event()
+        self._next, self._end = start, end  # the next step to generate (under pool.updated)
+        pool.gates.append(self._may_push)
         self._thread = threading.Thread(target=self._run, args=(start, end), name=f"rollout-{pool.name}",
                                         daemon=True)
         self._thread.start()
@@ -73,6 +75,14 @@ class RolloutProducer:
         with self.pool.updated:
             self.pool.updated.notify_all()
         self._thread.join()
+        self.pool.gates.remove(self._may_push)
+
+    def _may_push(self) -> bool:
+        """Whether the pool may take new weights: this producer has sampled every step due on the
+        weights it holds now (or is done), so each step is sampled on exactly the version its
+        bound names, however the threads are timed."""
+        return (self._stop.is_set() or self._next >= self._end
+                or self.required(self._next) > self.pool.version)
 
     def _run(self, start: int, end: int) -> None:
         for step in range(start, end):
@@ -84,8 +94,12 @@ class RolloutProducer:
                 result = self.generate(step)
             except BaseException as err:  # handed to the trainer, which raises it in its own thread
                 result = err
+                self._stop.set()
             with self._ready:
                 self._results[step] = result
                 self._ready.notify_all()
+            with self.pool.updated:
+                self._next = step + 1
+                self.pool.updated.notify_all()
             if isinstance(result, BaseException):
                 return

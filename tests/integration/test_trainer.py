@@ -98,7 +98,8 @@ def test_parallel_first_step_matches_tp1(tmp_path, tp, pp, source):
 
 def _first_steps(rank, port, variants, steps, results):
     """The first `steps` steps of one trainer per variant (name -> (overrides, score_first, or None
-    for the trainer's own choice)), all from the same warm start and seeds."""
+    for the trainer's own choice[, (policy, momentum) staleness bounds of producers to start])),
+    all from the same warm start and seeds; the policy's HF weights after them under name/weights."""
     from pathlib import Path
 
     from megatron_mgrpo.data.splits import build_splits
@@ -108,10 +109,10 @@ def _first_steps(rank, port, variants, steps, results):
     from megatron_mgrpo.trainer import Trainer
     from megatron_mgrpo.warmstart import warm_start
 
-    configs = {name: load_config(EMBEDDED_PRESET, SMALL + overrides) for name, (overrides, _) in variants.items()}
+    configs = {name: load_config(EMBEDDED_PRESET, SMALL + spec[0]) for name, spec in variants.items()}
     init_distributed(seed=next(iter(configs.values())).train.seed, launch=Launch(rank, 1, rank, "127.0.0.1", port))
     try:
-        for name, (_, score_first) in variants.items():
+        for name, (_, score_first, *bounds) in variants.items():
             cfg = configs[name]
             splits = build_splits(cfg)
             model_dir = warm_start(cfg, resolve_model_path(cfg.model.path), default_cache_dir(), splits.warmstart)
@@ -119,7 +120,10 @@ def _first_steps(rank, port, variants, steps, results):
             if score_first is not None:
                 trainer.score_first = score_first
             try:
+                if bounds:
+                    trainer.start_rollout(0, bounds[0])
                 results[name] = [trainer.step(step, PhaseTimer().phase) for step in range(steps)]
+                results[f"{name}/weights"] = dict(trainer.policy.hf_weights("policy"))
             finally:
                 trainer.close()
     finally:
@@ -129,7 +133,38 @@ def _first_steps(rank, port, variants, steps, results):
 def first_steps(tmp_path, variants, steps=1):
     results = mp.Manager().dict(dir=str(tmp_path))
     mp.start_processes(_first_steps, args=(free_port(), variants, steps, results), nprocs=1, start_method="spawn")
-    return {name: results[name] for name in variants}
+    return dict(results)
+
+
+@pytest.mark.slow
+def test_producers_at_staleness_zero_give_the_synchronous_steps(tmp_path):
+    """Asynchronous rollout at bound 0 (both pools' producers wait for the weights the synchronous
+    step samples with) gives the same samples, losses and weights over 3 steps as the synchronous
+    step, which rollout.max_staleness=0 runs."""
+    runs = first_steps(tmp_path, {"synchronous": ([], None), "producers": ([], None, (0, 0))}, steps=3)
+    for synchronous, produced in zip(runs["synchronous"], runs["producers"]):
+        assert produced["rollout/staleness_max"] == synchronous["rollout/staleness_max"] == 0
+        for key in ("reward/mean", "label/agreement", "response/length_mean", "iqr/kept"):
+            assert produced[key] == synchronous[key], key  # identical samples
+        for key in ("train/loss", "train/grad_norm", "entropy/mean", "anchor/kl"):
+            assert produced[key] == pytest.approx(synchronous[key], rel=1e-5, abs=1e-7), key
+    weights, produced_weights = runs["synchronous/weights"], runs["producers/weights"]
+    assert weights.keys() == produced_weights.keys()
+    assert all(torch.allclose(weights[k], produced_weights[k], rtol=1e-5, atol=1e-7) for k in weights)
+
+
+@pytest.mark.slow
+def test_staleness_bound_one_runs_a_step_ahead_and_never_further(tmp_path):
+    """max_staleness=1: from step 1 on, every policy sample was made on the previous step's
+    weights while that step trained (staleness exactly 1, never 2), its log-probs scored again by
+    the trainer (the gap to the engine's is what TIS corrects); the momentum pool may run 2 ahead."""
+    runs = first_steps(tmp_path, {"async": (["rollout.max_staleness=1", "rollout.momentum_max_staleness=2",
+                                             "algo.iqr_filter=false"], None)}, steps=4)
+    records = runs["async"]
+    assert [r["rollout/staleness_max"] for r in records] == [0, 1, 1, 1]
+    assert [r["rollout/staleness_1"] for r in records] == [0, 1, 1, 1] and records[-1]["rollout/regenerated"] == 0
+    assert records[0]["rollout/logprob_gap"] < 1e-4 < records[2]["rollout/logprob_gap"]  # scored although no IQR
+    assert all(math.isfinite(r["train/loss"]) and r["iqr/kept"] > 0 for r in records)
 
 
 @pytest.mark.slow
