@@ -48,7 +48,7 @@ class RolloutProducer:
         self._results: dict[int, list[list[Sample]] | BaseException] = {}
         self._ready = threading.Condition()
         self._stop = threading.Event()
-        self._next, self._end = start, end  # the next step to generate (under pool.updated)
+        self._first, self._next, self._end = start, start, end  # _next: the next step to generate
         pool.gates.append(self._may_push)
         self._thread = threading.Thread(target=self._run, args=(start, end), name=f"rollout-{pool.name}",
                                         daemon=True)
@@ -59,6 +59,8 @@ class RolloutProducer:
 
     def take(self, step: int) -> list[list[Sample]]:
         """Step `step`'s samples, none older than the bound allows (regenerated if one is)."""
+        if not self._first <= step < self._end:
+            raise ValueError(f"step {step} is outside the steps {self._first}..{self._end - 1} this producer makes")
         with self._ready:
             self._ready.wait_for(lambda: step in self._results)
             result = self._results.pop(step)

@@ -120,8 +120,7 @@ def _first_steps(rank, port, variants, steps, results):
             if score_first is not None:
                 trainer.score_first = score_first
             try:
-                if bounds:
-                    trainer.start_rollout(0, bounds[0])
+                trainer.start_rollout(0, *bounds)  # as the run does: producers if the config or bounds ask
                 results[name] = [trainer.step(step, PhaseTimer().phase) for step in range(steps)]
                 results[f"{name}/weights"] = dict(trainer.policy.hf_weights("policy"))
             finally:
@@ -141,7 +140,8 @@ def test_producers_at_staleness_zero_give_the_synchronous_steps(tmp_path):
     """Asynchronous rollout at bound 0 (both pools' producers wait for the weights the synchronous
     step samples with) gives the same samples, losses and weights over 3 steps as the synchronous
     step, which rollout.max_staleness=0 runs."""
-    runs = first_steps(tmp_path, {"synchronous": ([], None), "producers": ([], None, (0, 0))}, steps=3)
+    three = ["train.steps=3"]
+    runs = first_steps(tmp_path, {"synchronous": (three, None), "producers": (three, None, (0, 0))}, steps=3)
     for synchronous, produced in zip(runs["synchronous"], runs["producers"]):
         assert produced["rollout/staleness_max"] == synchronous["rollout/staleness_max"] == 0
         for key in ("reward/mean", "label/agreement", "response/length_mean", "iqr/kept"):
@@ -159,7 +159,7 @@ def test_staleness_bound_one_runs_a_step_ahead_and_never_further(tmp_path):
     weights while that step trained (staleness exactly 1, never 2), its log-probs scored again by
     the trainer (the gap to the engine's is what TIS corrects); the momentum pool may run 2 ahead."""
     runs = first_steps(tmp_path, {"async": (["rollout.max_staleness=1", "rollout.momentum_max_staleness=2",
-                                             "algo.iqr_filter=false"], None)}, steps=4)
+                                             "algo.iqr_filter=false", "train.steps=4"], None)}, steps=4)
     records = runs["async"]
     assert [r["rollout/staleness_max"] for r in records] == [0, 1, 1, 1]
     assert [r["rollout/staleness_1"] for r in records] == [0, 1, 1, 1] and records[-1]["rollout/regenerated"] == 0
@@ -248,6 +248,29 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
         for key in ("reward/mean", "train/loss", "train/grad_norm", "entropy/mean", "accuracy/true"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_a_resumed_asynchronous_run_trains_only_on_samples_made_after_the_restore(tmp_path):
+    """kill -9 after the checkpoint of step 2, while the producer had step 2's samples made on
+    version 1: the resumed run makes them again on the restored weights (staleness 0), then runs
+    ahead again."""
+    steps = ["train.steps=4", "checkpoint.interval=2", "rollout.max_staleness=1"]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(tmp_path / "run"), *SMALL, *steps]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    marker = tmp_path / "run" / "checkpoints" / "step_000002" / "complete.json"
+    deadline = time.time() + 600
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists() and not (tmp_path / "run" / "summary.json").exists()
+    run_cli(tmp_path / "run", *steps)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["rollout/staleness_max"] for r in records] == [0, 1, 0, 1]
 
 
 @pytest.mark.slow
