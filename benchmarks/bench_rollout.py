@@ -21,7 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_mgrpo.rollout import SamplingParams  # noqa: E402
 from megatron_mgrpo.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from tests.conftest import char_tokenizer, tiny_qwen3  # noqa: E402
+from tests.helpers import char_tokenizer, tiny_qwen3  # noqa: E402
 
 PROMPTS, N, TOKENS, ROUNDS = 16, 8, 64, 5
 

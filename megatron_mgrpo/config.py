@@ -100,6 +100,11 @@ class RolloutConfig:
     momentum_max_staleness: int = option(0, "the same bound for the momentum pool, in steps past the momentum "
                                             "push the synchronous step would use (the momentum model moves "
                                             "slowly, so its samples can be made further ahead)", ge=0)
+    filter_groups: bool = option(False, "dynamic sampling: train only on prompts whose kept responses' rewards "
+                                        "differ (not unanimous, labelled, two or more kept by the IQR filter), "
+                                        "drawing further prompts until train.prompts_per_step are informative")
+    max_oversample: float = option(3.0, "dynamic sampling draws at most this many times train.prompts_per_step "
+                                        "prompts in a step (then trains on fewer)", ge=1.0)
 
 
 @dataclass

@@ -19,7 +19,6 @@ ablation switches `rollout.momentum_samples` / `algo.iqr_filter`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -32,21 +31,11 @@ from megatron_mgrpo.config import Config
 from megatron_mgrpo.data.records import PromptRecord
 from megatron_mgrpo.evaluate import grade_prompts
 from megatron_mgrpo.parallel.collectives import broadcast_from_rank0
+from megatron_mgrpo.prompt_batch import PromptBatch, Rewards
 from megatron_mgrpo.reward.labels import PromptGroup, make_label_source
 from megatron_mgrpo.rollout.types import Sample, SamplingParams
 from megatron_mgrpo.step_metrics import filter_metrics, gold_correct, label_metrics, rollout_metrics
 from megatron_mgrpo.train.batching import MicroBatch, TrainSequences
-
-
-@dataclasses.dataclass
-class Rewards:
-    """One step's rewards, identical on every rank."""
-
-    rewards: torch.Tensor  # [P, M]
-    trainable: torch.Tensor  # [P, M] bool: the response has a reward (its prompt got a label; ttrl: a subset)
-    correct: torch.Tensor  # [P, M] 1 / 0: the answer equals gold, NaN without gold (monitoring only)
-    metrics: dict[str, float]
-    generated_tokens: int
 
 
 class Trainer:
@@ -82,6 +71,8 @@ class Trainer:
         self.score_first = (cfg.algo.iqr_filter or cfg.train.updates_per_rollout > 1
                             or cfg.reward.label_source == "intuitor" or cfg.rollout.max_staleness > 0)
         self.order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed))
+        # dynamic sampling's further prompts: a second fixed shuffle, indexed by step (resume-safe)
+        self.refill_order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.data.seed + 1))
         self.pools = self.grader = self.labels = None
         self.producers = {}  # pool name -> RolloutProducer, with asynchronous rollout (rank 0)
         if self.rank0:
@@ -105,29 +96,21 @@ class Trainer:
     def step(self, step: int, phase) -> dict[str, float]:
         """One M-GRPO step; `phase(name)` times its parts."""
         cfg, m, g = self.cfg, self.m, self.m + self.n
-        batch = self.batch_indices(step)
-        with phase("rollout"):
-            samples = self.sample(batch, step) if self.rank0 else None
-            sequences = broadcast_from_rank0(
-                _train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
-        with phase("logprobs"):
-            scores = None if not self.score_first else self.policy.score(
-                sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")
-        with phase("rewards"):
-            graded = broadcast_from_rank0(self.rewards(batch, samples, scores) if self.rank0 else None)
+        batch = self.collect(self.batch_indices(step), step, phase)
         with phase("anchor"):  # monitoring only: how far the momentum model is from the policy
-            anchor = self.anchor_metrics(sequences, scores, len(batch)) if self.anchor_due(step) else {}
+            anchor = self.anchor_metrics(batch.sequences, batch.scores, len(batch)) if self.anchor_due(step) else {}
             if self.rank0:
                 anchor |= rollout_metrics(self.sample_versions, step, cfg.rollout.max_staleness,
-                                          sum(p.regenerated for p in self.producers.values()), sequences, scores, m, g)
+                                          sum(p.regenerated for p in self.producers.values()), batch.sequences,
+                                          batch.scores, m, g)
+        anchor["dynamic/informative_share"] = len(batch.informative()) / len(batch)
+        if cfg.rollout.filter_groups:  # dynamic sampling: only prompts whose rewards differ
+            batch, refilled = self.refill(batch, step, phase)
+            anchor |= refilled
         with phase("filter"):
-            entropy = torch.tensor([h.mean() if len(h) else math.nan for h in scores.entropy]).view(len(batch), g) \
-                if scores is not None else None
-            confident = iqr_keep_mask(entropy, cfg.algo.iqr_k)[:, :m] if cfg.algo.iqr_filter \
-                else torch.ones(len(batch), m, dtype=torch.bool)
-            keep = confident & graded.trainable
-            advantages = group_advantages(graded.rewards, keep, cfg.algo.advantage_estimator)
-            train_set = self.training_sequences(sequences, scores, advantages, keep, g)
+            keep = batch.keep
+            advantages = group_advantages(batch.graded.rewards, keep, cfg.algo.advantage_estimator)
+            train_set = self.training_sequences(batch.sequences, batch.scores, advantages, keep, g)
         with phase("train"):
             metrics = {}
             for part in _split(len(train_set), cfg.train.updates_per_rollout):
@@ -137,11 +120,47 @@ class Trainer:
             self.sync_weights(step + 1)
         trained_entropy = metrics.pop("entropy", math.nan)
         kl = {"kl/mean": metrics.pop("kl")} if "kl" in metrics else {}
-        return {**graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl, **anchor,
-                "entropy/mean": float(entropy[:, :m].nanmean()) if scores is not None else trained_entropy,
+        entropy = float(_entropy(batch)[:, :m].nanmean()) if batch.scores is not None else trained_entropy
+        return {**batch.graded.metrics, **{f"train/{k}": v for k, v in metrics.items()}, **kl, **anchor,
+                "entropy/mean": entropy,
                 "iqr/drop_rate": float(1 - keep.float().mean()), "iqr/kept": int(keep.sum()),
-                **filter_metrics(graded, confident), **({"momentum/m": momentum} if self.n else {}),
-                "generated_tokens": graded.generated_tokens}
+                **filter_metrics(batch.graded, batch.confident), **({"momentum/m": momentum} if self.n else {}),
+                "generated_tokens": batch.graded.generated_tokens}
+
+    def collect(self, prompts: list[int], step: int, phase, refill: int | None = None) -> PromptBatch:
+        """Rollout, scoring, rewards and the IQR filter of `prompts`: the step's own, or (`refill`:
+        the round of dynamic sampling) further ones, sampled now."""
+        cfg, m, g = self.cfg, self.m, self.m + self.n
+        with phase("rollout"):
+            samples = self.sample(prompts, step, refill) if self.rank0 else None
+            sequences = broadcast_from_rank0(
+                _train_sequences(samples, cfg.train.routing_replay) if self.rank0 else None)
+        with phase("logprobs"):
+            scores = None if not self.score_first else self.policy.score(
+                sequences, cfg.rollout.temperature, self_certainty=cfg.reward.label_source == "intuitor")
+        with phase("rewards"):
+            graded = broadcast_from_rank0(self.rewards(prompts, samples, scores) if self.rank0 else None)
+        with phase("filter"):
+            batch = PromptBatch(prompts, sequences, scores, graded, torch.ones(len(prompts), m, dtype=torch.bool), g)
+            if cfg.algo.iqr_filter:
+                batch.confident = iqr_keep_mask(_entropy(batch), cfg.algo.iqr_k)[:, :m]
+        return batch
+
+    def refill(self, batch: PromptBatch, step: int, phase) -> tuple[PromptBatch, dict[str, float]]:
+        """The first train.prompts_per_step informative prompts of `batch` and of further prompts
+        drawn until there are that many, at most rollout.max_oversample x prompts_per_step drawn in
+        all (then the step trains on fewer, or on the batch as it was when none is informative)."""
+        want = self.cfg.train.prompts_per_step
+        limit = math.floor(self.cfg.rollout.max_oversample * want)
+        chosen, drawn, rounds = batch.select(batch.informative()), len(batch), 0
+        while len(chosen) < want and drawn < limit:
+            extra = [int(self.refill_order[(step * limit + drawn + i) % len(self.refill_order)])
+                     for i in range(min(want - len(chosen), limit - drawn))]
+            more = self.collect(extra, step, phase, refill=rounds)
+            chosen, drawn, rounds = chosen.joined(more.select(more.informative())), drawn + len(extra), rounds + 1
+        chosen = chosen.select(range(min(want, len(chosen)))) if len(chosen) else batch
+        return chosen, {"dynamic/drawn": drawn, "dynamic/trained_prompts": len(chosen),
+                        "dynamic/trained_informative": len(chosen.informative())}
 
     def anchor_due(self, step: int) -> bool:
         interval = self.cfg.log.anchor_interval
@@ -212,9 +231,16 @@ class Trainer:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               seed=self.cfg.train.seed + 1000 * step + offset)
 
-    def sample(self, batch: list[int], step: int) -> list[list[Sample]]:
+    def sample(self, batch: list[int], step: int, refill: int | None = None) -> list[list[Sample]]:
         """Per prompt, its M policy samples then its N momentum samples (rank 0): made now, or
-        taken from the producers that made them ahead (asynchronous rollout)."""
+        taken from the producers that made them ahead (asynchronous rollout); a dynamic-sampling
+        `refill` round is always made now, with seeds of its own."""
+        if refill is not None:
+            prompts = [self.prompt_ids[i] for i in batch]
+            offset = 2 + 2 * refill
+            policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step, offset),
+                                                                 self.sampling(step, offset + 1))
+            return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
         if self.producers:
             policy_samples = self.producers["policy"].take(step)
             momentum_samples = self.producers["momentum"].take(step) if self.n else [[] for _ in batch]
@@ -323,3 +349,9 @@ def _split(count: int, parts: int) -> list[list[int]]:
     """`range(count)` in `parts` contiguous chunks (mini-batches of one rollout batch)."""
     bounds = [round(i * count / parts) for i in range(parts + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+def _entropy(batch: PromptBatch) -> torch.Tensor:
+    """[P, G]: each response's mean token entropy under the trainer (NaN for an empty response)."""
+    return torch.tensor([h.mean() if len(h) else math.nan for h in batch.scores.entropy]).view(
+        len(batch), batch.group_size)

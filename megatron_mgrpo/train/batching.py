@@ -72,6 +72,13 @@ class TrainSequences:
                               {k: [v[i] for i in indices] for k, v in self.sequence_fields.items()},
                               None if self.routing is None else [self.routing[i] for i in indices])
 
+    def joined(self, other: TrainSequences) -> TrainSequences:
+        """These sequences, then `other`'s (which has the same fields)."""
+        return TrainSequences(self.tokens + other.tokens, self.prompt_lengths + other.prompt_lengths,
+                              {k: [*v, *other.token_fields[k]] for k, v in self.token_fields.items()},
+                              {k: [*v, *other.sequence_fields[k]] for k, v in self.sequence_fields.items()},
+                              None if self.routing is None else self.routing + other.routing)
+
 
 @dataclass
 class MicroBatch:

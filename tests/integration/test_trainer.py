@@ -168,6 +168,26 @@ def test_staleness_bound_one_runs_a_step_ahead_and_never_further(tmp_path):
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_trains_on_informative_prompts_within_the_refill_limit(tmp_path):
+    """rollout.filter_groups: the step's own prompts are judged as without it (same samples, same
+    informative share); prompts with equal rewards are replaced by further ones until 4 are
+    informative, drawing at most max_oversample x 4; at 1.0 nothing is drawn beyond the batch."""
+    runs = first_steps(tmp_path, {"plain": ([], None), "dynamic": (["rollout.filter_groups=true",
+                                                                  "rollout.max_oversample=2.5"], None),
+                                  "capped": (["rollout.filter_groups=true", "rollout.max_oversample=1.0"], None)},
+                       steps=2)
+    shares = {run: records[0]["dynamic/informative_share"] for run, records in runs.items()}
+    assert 0 < shares["plain"] == shares["dynamic"] == shares["capped"] < 1  # step 0: the same samples
+    for plain, dynamic, capped in zip(runs["plain"], runs["dynamic"], runs["capped"]):
+        assert "dynamic/drawn" not in plain
+        informative = round(4 * capped["dynamic/informative_share"])
+        assert capped["dynamic/drawn"] == 4 and capped["dynamic/trained_prompts"] == informative
+        assert 4 < dynamic["dynamic/drawn"] <= 10 and dynamic["dynamic/trained_prompts"] <= 4
+        assert dynamic["dynamic/trained_informative"] == dynamic["dynamic/trained_prompts"]  # no dead prompt
+        assert dynamic["dynamic/trained_prompts"] == 4 or dynamic["dynamic/drawn"] == 10
+
+
+@pytest.mark.slow
 def test_an_update_not_scored_first_equals_one_scored_first(tmp_path):
     """Without the IQR filter, Intuitor or several updates per rollout the step skips its scoring
     pass: the update's own detached log-probs are the old ones, and its forward, which then reads
