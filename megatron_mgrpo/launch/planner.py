@@ -220,7 +220,25 @@ def plan_launch(cfg: Config, shape: ModelShape) -> Plan:
             warnings.append(f"a policy engine's KV cache holds {kv_sequences} full-length sequences but gets "
                             f"{per_engine} per step: generation runs in waves; raise launch.rollout_mem_fraction "
                             f"or launch.rollout_tp")
-    return Plan(layout, _training_memory(cfg, shape, layout), rollout, kv_sequences, warnings)
+    return Plan(layout, _training_memory(cfg, shape, layout), rollout, kv_sequences,
+                warnings + _async_warnings(cfg, layout))
+
+
+def _async_warnings(cfg: Config, layout: Layout) -> list[str]:
+    """What asynchronous rollout (rollout.max_staleness / momentum_max_staleness) costs and gains here."""
+    r = cfg.rollout
+    ahead = max(r.max_staleness, r.momentum_max_staleness)
+    if not ahead:
+        return []
+    # per in-flight batch on trainer rank 0: token ids (8 B) and engine log-probs (4 B) of every sample
+    batch_bytes = cfg.train.prompts_per_step * r.group_size * layout.seq_len * 12
+    warnings = [f"rollout runs up to {ahead} step(s) ahead: {ahead + 1} batches in flight hold "
+                f"{(ahead + 1) * batch_bytes / 2**20:.0f} MiB of host memory on trainer rank 0"]
+    if cfg.launch.placement == "colocated" or r.engine == "hf":
+        warnings.append("the rollout engines share the trainer's devices (launch.placement=colocated or "
+                        "rollout.engine=hf): generation and training take turns, so rollout.max_staleness buys "
+                        "little; use launch.placement=disaggregated for the overlap")
+    return warnings
 
 
 def _local_params(cfg: Config, shape: ModelShape) -> tuple[float, float]:

@@ -109,3 +109,16 @@ def test_local_checkpoint_and_model_config_win_over_the_shipped_config(tmp_path)
     assert load_model_shape(str(tmp_path))[1] == str(tmp_path / "config.json")
     explicit = model_config_path("mgrpo_qwen3_4b_math.yaml")
     assert load_model_shape("Qwen/Qwen3-8B-Base", explicit)[1] == explicit
+
+
+def test_asynchronous_rollout_is_sized_and_flagged_where_it_cannot_overlap(load_recipe):
+    """Async rollout: the in-flight batches' host memory is counted; colocated engines are told
+    that generation and training take turns; synchronous runs get neither line."""
+    cfg, shape = load_recipe("mgrpo_qwen3_4b_math.yaml")
+    assert not [w for w in plan_launch(cfg, shape).warnings if "ahead" in w]
+    async_cfg, _ = load_recipe("mgrpo_qwen3_4b_math.yaml", "rollout.max_staleness=1",
+                               "rollout.momentum_max_staleness=2")
+    warnings = plan_launch(async_cfg, shape).warnings
+    # 3 batches of 8 prompts x 32 samples x 4096 tokens x 12 bytes
+    assert any("3 batches in flight hold 36 MiB" in w for w in warnings), warnings
+    assert any("take turns" in w for w in warnings) == (async_cfg.launch.placement == "colocated")
