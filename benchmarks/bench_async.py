@@ -4,8 +4,9 @@ rollout.max_staleness k = 0, 1, 2; and the M-GRPO rollout phase with both pools 
 Part 1 (`steps`): one vLLM server (its compute threads bound to core 1) serves the policy pool;
 `mgrpo train` runs pinned to core 0 with one thread, the embedded preset (warm start cached) and
 gold labels (`reward.label_source=gt`, so every sample comes from the policy and the reward is
-the true one), for STEPS steps at each k and seed. Steps/s is the median over steps (the first
-two left out) of 1 / time/step; the reward curve is the same seeds and prompts at each k.
+the true one), for STEPS steps at each k, REPEATS times. Steps/s is the median over steps (the
+first two left out) of 1 / time/step; the reward curves are the same seed and prompts at each k
+(mean ± s.e. over 10 steps).
 Part 2 (`pools`): a policy server on core 0 and a momentum server on core 1; the preset's M = 12
 and N = 4 samples of 16 prompts, timed for the policy pool alone, both pools one after the other
 (the step before this change) and both at once (`RolloutPools.sample`), alternating, medians.
@@ -30,16 +31,19 @@ from megatron_mgrpo.rollout.pools import EnginePool, RolloutPools
 from megatron_mgrpo.rollout.server import ServerProcess, ServerSpec
 from megatron_mgrpo.rollout.vllm_engine import PACKAGE_ROOT, SERVER_ENV, WORKER_EXTENSION, VLLMEngine
 
-STEPS, SEEDS, BOUNDS, ROUNDS = 40, (0, 1), (0, 1, 2), 7
+STEPS, REPEATS, BOUNDS, ROUNDS = 40, 2, (0, 1, 2), 7
 
 
 def vllm_server(python: str, model_dir: Path, core: int, log_file: Path) -> ServerProcess:
-    """A vLLM server as `mgrpo launch` starts one, its compute threads bound to `core`."""
+    """A vLLM server as `mgrpo launch` starts one, all its processes on `core` (its own device)."""
     port = free_port()
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "512", "--logprobs-mode", "processed_logprobs",
-               "--worker-extension-cls", WORKER_EXTENSION, "--enforce-eager"]
+    command = ["taskset", "-c", str(core), python, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(model_dir), "--served-model-name", "policy", "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+               "--logprobs-mode", "processed_logprobs", "--worker-extension-cls", WORKER_EXTENSION, "--enforce-eager",
+               # vLLM 0.32 on CPU cannot rewind a seeded request's generator after a prefill it split
+               # in chunks ("CPU Generator does not use offset"): a step's prompts fit in one chunk
+               "--max-num-batched-tokens", "32768"]
     env = {**SERVER_ENV, "PYTHONPATH": PACKAGE_ROOT, "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return ServerProcess(ServerSpec(command, port, log_file, env=env, startup_timeout_s=600))
@@ -56,26 +60,31 @@ def train(out: Path, url: str, python: str, bound: int, seed: int) -> list[dict]
 
 
 def steps(python: str, work: Path) -> None:
+    """Each k run REPEATS times, interleaved: the timings' range; the same seed and data each time
+    (the reward curves of the repeats of one k are identical: the runs are reproducible)."""
     model_dir = resolve_model_path("builtin:tiny-qwen3")
     with vllm_server(python, model_dir, core=1, log_file=work / "server.log") as server:
-        runs = {(k, seed): train(work / f"k{k}-s{seed}", server.spec.url, python, k, seed)
-                for seed in SEEDS for k in BOUNDS}
+        runs = {(k, r): train(work / f"k{k}-r{r}", server.spec.url, python, k, seed=0)
+                for r in range(REPEATS) for k in BOUNDS}
     print(f"{STEPS} steps of the preset (16 prompts x 16 samples, gold labels), trainer on core 0, "
-          f"vLLM on core 1; seeds {SEEDS}")
-    print("| k | steps/s (per seed) | vs k = 0 (per seed) | staleness max | reward, first 10 steps | "
-          "reward, last 10 steps |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"vLLM on core 1; each k run {REPEATS} times")
+    print("| k | steps/s (per run) | vs k = 0 (per run) | staleness max | TIS gap | reward, first 10 steps | "
+          "reward, last 10 steps | same curve in every run |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rate = {key: 1 / statistics.median(r["time/step"] for r in records[2:]) for key, records in runs.items()}
     for k in BOUNDS:
-        first = [statistics.mean(r["reward/mean"] for r in runs[k, s][:10]) for s in SEEDS]
-        last = [statistics.mean(r["reward/mean"] for r in runs[k, s][-10:]) for s in SEEDS]
-        print(f"| {k} | {' / '.join(f'{rate[k, s]:.2f}' for s in SEEDS)} | "
-              f"{' / '.join(f'{rate[k, s] / rate[0, s]:.2f}x' for s in SEEDS)} | "
-              f"{max(r['rollout/staleness_max'] for s in SEEDS for r in runs[k, s])} | "
-              f"{' / '.join(f'{v:.3f}' for v in first)} | {' / '.join(f'{v:.3f}' for v in last)} |")
-    curves = {f"k={k} seed={s}": [round(r["reward/mean"], 4) for r in runs[k, s]] for k in BOUNDS for s in SEEDS}
-    (work / "curves.json").write_text(json.dumps(curves))
-    print(f"reward curves: {work / 'curves.json'}")
+        records = runs[k, 0]
+        curves = [[r["reward/mean"] for r in runs[k, rep]] for rep in range(REPEATS)]
+        gap = statistics.mean(r.get("rollout/logprob_gap", 0.0) for r in records)
+        print(f"| {k} | {' / '.join(f'{rate[k, r]:.2f}' for r in range(REPEATS))} | "
+              f"{' / '.join(f'{rate[k, r] / rate[0, r]:.2f}x' for r in range(REPEATS))} | "
+              f"{max(r['rollout/staleness_max'] for r in records):.0f} | {gap:.4f} | "
+              f"{statistics.mean(curves[0][:10]):.3f} ± {statistics.stdev(curves[0][:10]) / 10 ** 0.5:.3f} | "
+              f"{statistics.mean(curves[0][-10:]):.3f} ± {statistics.stdev(curves[0][-10:]) / 10 ** 0.5:.3f} | "
+              f"{all(c == curves[0] for c in curves)} |")
+    curves = {f"k={k}": [round(r["reward/mean"], 4) for r in runs[k, 0]] for k in BOUNDS}
+    (Path(__file__).parent / "bench_async_curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+    print("reward curves: benchmarks/bench_async_curves.json")
 
 
 def pools(python: str, work: Path) -> None:
