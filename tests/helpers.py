@@ -2,9 +2,11 @@
 hub here), the trainer's small end-to-end settings and how to run them, teacher-forced log-probs."""
 
 import os
+import signal
 import string
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -115,3 +117,19 @@ def run_cli(out, *overrides, check=True):
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(out), *SMALL,
                            *overrides], env=env, capture_output=True, text=True, check=check, timeout=900)
+
+
+def killed_after_checkpoint(out, overrides, step: int) -> bool:
+    """`mgrpo train` into `out`, killed with SIGKILL (its whole process group) as soon as the
+    checkpoint of `step` is complete; whether that checkpoint was there."""
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(out), *SMALL, *overrides]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    marker = out / "checkpoints" / f"step_{step:06d}" / "complete.json"
+    deadline = time.time() + 600
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return marker.exists()

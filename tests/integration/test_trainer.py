@@ -18,7 +18,7 @@ from megatron_mgrpo.config import load_config
 from megatron_mgrpo.metrics import read_metrics
 from megatron_mgrpo.parallel.ports import free_port
 from megatron_mgrpo.run import EMBEDDED_PRESET
-from tests.helpers import SMALL, cache, run_cli  # noqa: F401  (cache: a fresh model cache, autouse)
+from tests.helpers import SMALL, cache, killed_after_checkpoint, run_cli  # noqa: F401  (cache: autouse)
 
 
 def _spawned_train(rank, world, port, overrides, out):
@@ -249,17 +249,7 @@ def test_anchor_diagnostics_measure_the_momentum_model(tmp_path):
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = ["train.steps=4", "eval.interval=2"]
     run_cli(tmp_path / "straight", *steps)
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(tmp_path / "killed"), *SMALL, *steps]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    marker = tmp_path / "killed" / "checkpoints" / "step_000002" / "complete.json"
-    deadline = time.time() + 600
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert marker.exists()
+    assert killed_after_checkpoint(tmp_path / "killed", steps, step=2)
     run_cli(tmp_path / "killed", *steps)  # the same command again
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
@@ -276,17 +266,8 @@ def test_a_resumed_asynchronous_run_trains_only_on_samples_made_after_the_restor
     version 1: the resumed run makes them again on the restored weights (staleness 0), then runs
     ahead again."""
     steps = ["train.steps=4", "checkpoint.interval=2", "rollout.max_staleness=1"]
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    command = [sys.executable, "-m", "megatron_mgrpo.cli", "train", "--out", str(tmp_path / "run"), *SMALL, *steps]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    marker = tmp_path / "run" / "checkpoints" / "step_000002" / "complete.json"
-    deadline = time.time() + 600
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert marker.exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert killed_after_checkpoint(tmp_path / "run", steps, step=2)
+    assert not (tmp_path / "run" / "summary.json").exists()
     run_cli(tmp_path / "run", *steps)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [0, 1, 2, 3]
