@@ -341,7 +341,8 @@ def test_moe_model_trains_with_the_engines_routing_replayed(tmp_path):
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     save_hf_directory(Qwen3MoeForCausalLM(config), tokenizer, tmp_path / "moe")
-    overrides = [f"model.path={tmp_path / 'moe'}", "train.routing_replay=true", "train.steps=1", "eval.prompts=0"]
+    overrides = [f"model.path={tmp_path / 'moe'}", "train.routing_replay=true", "train.steps=1", "eval.prompts=0",
+                 "launch.max_prompt_tokens=256"]  # the model has 512 positions
     run_cli(tmp_path / "ep1", *overrides)
     mp.start_processes(_spawned_train, args=(2, free_port(), overrides + ["parallel.ep=2"], tmp_path / "ep2"),
                        nprocs=2, start_method="spawn")

@@ -92,7 +92,7 @@ def test_trainer_attaches_disaggregated_sglang_servers_through_one_weight_group(
     trainer = Trainer.__new__(Trainer)  # only what `close` reads: no model, no Megatron
     cfg = load_config(overrides=["rollout.engine=sglang", "launch.placement=disaggregated",
                                  "reward.label_source=srt"])  # srt: the policy pool alone
-    trainer.grader = None
+    trainer.grader, trainer.producers = None, {}
     one = SamplingParams(max_new_tokens=1)
     with servers[0], servers[1]:
         trainer.pools = build_pools(cfg, tmp_path / "run", tmp_path / "model", tokenizer=None, hf_model=None,
