@@ -235,20 +235,16 @@ class Trainer:
         """Per prompt, its M policy samples then its N momentum samples (rank 0): made now, or
         taken from the producers that made them ahead (asynchronous rollout); a dynamic-sampling
         `refill` round is always made now, with seeds of its own."""
-        if refill is not None:
-            prompts = [self.prompt_ids[i] for i in batch]
-            offset = 2 + 2 * refill
-            policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step, offset),
-                                                                 self.sampling(step, offset + 1))
-            return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
-        if self.producers:
+        if self.producers and refill is None:
             policy_samples = self.producers["policy"].take(step)
             momentum_samples = self.producers["momentum"].take(step) if self.n else [[] for _ in batch]
         else:
             prompts = [self.prompt_ids[i] for i in batch]
-            policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step),
-                                                                 self.sampling(step, offset=1))
-        self.sample_versions = [s.weights_version for group in policy_samples for s in group]
+            offset = 0 if refill is None else 2 + 2 * refill
+            policy_samples, momentum_samples = self.pools.sample(prompts, self.m, self.n, self.sampling(step, offset),
+                                                                 self.sampling(step, offset + 1))
+        if refill is None:
+            self.sample_versions = [s.weights_version for group in policy_samples for s in group]
         return [ps + ms for ps, ms in zip(policy_samples, momentum_samples)]
 
     def start_rollout(self, start: int, bounds: tuple[int, int] | None = None) -> None:
